@@ -1,0 +1,218 @@
+"""Configuration: dataclasses for the models and the training runs, named presets, and the one
+bridge from argparse to them (a flag per field, generated from the fields, one help line each).
+
+Stdlib only. Precedence when building a run's config: dataclass defaults < preset < the demo's
+settings (only when no dataset is given) < flags given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad config, wrong checkpoint). The scripts print its
+    message as one paragraph and exit with code 2 instead of showing a traceback."""
+
+
+def _f(default, help: str, *aliases: str, choices=None):
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+
+
+@dataclass
+class VQGANConfig:
+    """Stage-1 architecture. Defaults are the reference's ImageNet f16-1024 model."""
+    ch: int = _f(128, "base channel width of encoder and decoder")
+    ch_mult: tuple[int, ...] = _f((1, 1, 2, 2, 4), "width multiplier per level; the image is downsampled len-1 times")
+    num_res_blocks: int = _f(2, "ResnetBlocks per encoder level (the decoder has one more)")
+    attn_resolutions: tuple[int, ...] = _f((16,), "feature-map sides, counted from --resolution, that get self-attention")
+    dropout: float = _f(0.0, "dropout inside ResnetBlocks")
+    in_channels: int = _f(3, "channels of input images (1 or 3)")
+    out_channels: int = _f(3, "channels of reconstructed images")
+    resolution: int = _f(256, "training image side in pixels; also places attention", "--image-size")
+    z_channels: int = _f(256, "channels of the encoder output z")
+    embed_dim: int = _f(256, "dimension of a codebook vector")
+    n_embed: int = _f(1024, "number of codebook vectors", "--num-codebook-vectors")
+    beta: float = _f(0.25, "commitment weight of the codebook loss")
+    legacy_beta: bool = _f(False, "put beta on the codebook term as the reference does (default: on the commitment term, as in the VQ-VAE paper)")
+
+    def __post_init__(self):
+        self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+        if not self.ch_mult:
+            raise UserError("ch_mult is empty: give at least one level, e.g. --ch-mult 1 2 4.")
+        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
+            raise UserError(f"ch={self.ch} with ch_mult={list(self.ch_mult)} gives a width that is not a "
+                            "multiple of 32, which GroupNorm(32) needs: choose --ch as a multiple of 32.")
+        if self.resolution % self.downsample_factor:
+            raise UserError(f"image size {self.resolution} is not divisible by the downsampling factor "
+                            f"{self.downsample_factor} (2^(len(ch_mult)-1)): choose --image-size as a multiple "
+                            f"of {self.downsample_factor}.")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the token grid for a --resolution image."""
+        return self.resolution // self.downsample_factor
+
+
+@dataclass
+class TrainVQGANConfig:
+    """A stage-1 training run (training_vqgan.py)."""
+    dataset_path: Optional[str] = _f(None, "folder of training images, searched recursively; omit to train the built-in demo")
+    output_dir: str = _f("runs/vqgan", "run folder: config.json, checkpoints/, samples/, metrics.jsonl")
+    preset: Optional[str] = _f(None, "named configuration to start from (see PRESETS in config.py)")
+    batch_size: int = _f(8, "images per optimizer step")
+    epochs: int = _f(100, "upper bound on passes over the data")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (default: only --epochs bounds the run)")
+    learning_rate: float = _f(2.25e-05, "Adam learning rate of the VQGAN and the discriminator")
+    beta1: float = _f(0.5, "Adam beta1")
+    beta2: float = _f(0.9, "Adam beta2")
+    lr_warmup_steps: int = _f(0, "linear learning-rate warmup, in steps; constant afterwards")
+    disc_start: int = _f(10000, "step at which the discriminator and the GAN loss switch on")
+    disc_factor: float = _f(1.0, "weight of the GAN losses once the discriminator is on")
+    disc_weight: float = _f(0.8, "multiplies the adaptive weight lambda (the reference's disc_weight)")
+    disc_loss: str = _f("hinge", "discriminator loss", choices=("hinge", "vanilla"))
+    disc_ndf: int = _f(64, "width of the first PatchGAN layer")
+    disc_layers: int = _f(3, "stride-2 layers of the PatchGAN")
+    rec_loss_factor: float = _f(1.0, "weight of the L1 reconstruction loss")
+    perceptual_loss_factor: float = _f(1.0, "weight of the LPIPS perceptual loss (0 disables LPIPS and its VGG16)")
+    codebook_weight: float = _f(1.0, "weight of the codebook loss")
+    vgg_weights: Optional[str] = _f(None, "VGG16 weights file for LPIPS (torchvision's vgg16 state dict); default: torchvision's ImageNet weights, downloaded once")
+    flip: bool = _f(True, "random horizontal flips of training images")
+    val_fraction: float = _f(0.05, "fraction of the images held out for validation")
+    num_workers: int = _f(2, "data-loading worker processes")
+    seed: int = _f(0, "random seed of weights, data order and augmentation")
+    log_every: int = _f(50, "steps between metrics.jsonl lines")
+    sample_every: int = _f(1000, "steps between sample grids and validation PSNR")
+    save_every: int = _f(1000, "steps between checkpoints")
+    keep_checkpoints: int = _f(3, "numbered snapshots kept besides last.pt")
+    precision: str = _f("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
+    resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
+    tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
+    model: VQGANConfig = field(default_factory=VQGANConfig)
+
+
+PRESETS: dict[str, dict] = {
+    # A CPU-sized model for the demo and quick experiments: 64x64 images, 8x8 tokens.
+    "tiny": dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
+                 z_channels=64, embed_dim=64, n_embed=512,
+                 batch_size=16, learning_rate=2e-4, disc_start=2000, disc_weight=0.8),
+    # The reference's ImageNet models (Esser et al. 2021, Tab. 2 / released checkpoints).
+    "f16-1024": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
+                     z_channels=256, embed_dim=256, n_embed=1024),
+    "f16-16384": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
+                      z_channels=256, embed_dim=256, n_embed=16384),
+}
+
+# `python training_vqgan.py` with no --dataset-path: the tiny preset on bundled photographs,
+# sized to finish on a 2-core CPU within minutes.
+DEMO_VQGAN: dict = dict(preset="tiny", max_steps=3000, log_every=50, sample_every=500, save_every=1000)
+
+# Flags that set two fields at once (names users of the original flat implementation know).
+COMPOSITE_FLAGS: dict[str, tuple[str, tuple[str, ...], type, str]] = {
+    "latent_dim": ("--latent-dim", ("z_channels", "embed_dim"), int, "sets both --z-channels and --embed-dim"),
+    "image_channels": ("--image-channels", ("in_channels", "out_channels"), int, "sets both --in-channels and --out-channels"),
+}
+
+
+# ---------------------------------------------------------------------------- argparse bridge
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
+        tp, meta = hints[f.name], f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{meta.get('help', '')} (default: {shown})")
+        if typing.get_origin(tp) is typing.Union:  # Optional[X]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple:
+            kw.update(nargs="*", type=typing.get_args(tp)[0], metavar="N")
+        else:
+            kw["type"] = tp
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        group.add_argument(_flag(f.name), *meta.get("aliases", ()), **kw)
+
+
+def build_parser(train_cls, model_cls, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog=f"Presets: {', '.join(PRESETS)}. A preset sets defaults; flags override it.")
+    _add_fields(parser, train_cls, "training")
+    _add_fields(parser, model_cls, "model")
+    group = parser.add_argument_group("shorthands")
+    for dest, (flag, targets, tp, help) in COMPOSITE_FLAGS.items():
+        if all(t in {f.name for f in fields(model_cls)} for t in targets):
+            group.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, help=help)
+    return parser
+
+
+def make_config(train_cls, model_cls, given: dict, demo: Optional[dict] = None):
+    """Build (train_cfg) from explicitly given values (field name -> value), applying the
+    preset and, when no dataset path is given, the demo settings. Unknown names are an error."""
+    given = dict(given)
+    for dest, (_, targets, _, _) in COMPOSITE_FLAGS.items():
+        if dest in given:
+            value = given.pop(dest)
+            for t in targets:
+                given.setdefault(t, value)
+    values: dict = {}
+    if demo is not None and given.get("dataset_path") is None:
+        values.update(demo)
+    preset = given.get("preset", values.get("preset"))
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}.")
+        values = {**PRESETS[preset], **values}
+    values.update(given)
+    model_names = {f.name for f in fields(model_cls)}
+    train_names = {f.name for f in fields(train_cls)} - {"model"}
+    unknown = set(values) - model_names - train_names
+    if unknown:
+        raise UserError(f"unknown configuration field(s): {', '.join(sorted(unknown))}.")
+    model_cfg = model_cls(**{k: v for k, v in values.items() if k in model_names})
+    return train_cls(**{k: v for k, v in values.items() if k in train_names}, model=model_cfg)
+
+
+def parse_train_vqgan(argv: Optional[list[str]] = None) -> TrainVQGANConfig:
+    parser = build_parser(TrainVQGANConfig, VQGANConfig,
+                          "Stage 1: train a VQGAN image tokenizer (Esser et al. 2021) on a folder of images.")
+    return make_config(TrainVQGANConfig, VQGANConfig, vars(parser.parse_args(argv)), demo=DEMO_VQGAN)
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain dict (lists, not tuples) for JSON and checkpoints."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(obj):
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def model_config_from_dict(cls, d: dict):
+    """Rebuild a model config stored in a checkpoint; unknown keys are an error, not ignored."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise UserError(f"the checkpoint's model config has fields this version does not know: "
+                        f"{', '.join(sorted(unknown))}; was it written by a newer version?")
+    return cls(**d)
