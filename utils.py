@@ -1,0 +1,437 @@
+"""Everything around the models: image data (folders and the bundled demo photographs), the
+epoch-seeded sampler, checkpoint I/O, random-number state, device and precision, run folders and
+metrics, sample grids, PSNR, the learning-rate schedule, and the command-line error wrapper.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from config import UserError
+
+# ----------------------------------------------------------------------------------- processes
+def is_main_process() -> bool:
+    """Rank 0 (or not distributed): the only process that prints, logs and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(*args) -> None:
+    if is_main_process():
+        print(*args, flush=True)
+
+
+def warn(msg: str) -> None:
+    if is_main_process():
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def run_cli(main: Callable, parse: Callable) -> None:
+    """Parse flags and run; a UserError becomes one paragraph on stderr and exit code 2."""
+    try:
+        main(parse())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------- device and precision
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a torch device: use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but PyTorch sees no CUDA device: use --device cpu, "
+                        "or install a CUDA build of PyTorch.")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain float32."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA generator states as plain values and tensors
+    (loadable with weights_only=True)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------- images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # the only decoders we let open a file
+BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Any Pillow image -> (H, W, 3) uint8 RGB: EXIF orientation applied, transparency
+    composited on white, 16-bit and float greyscale scaled (not clipped) to 8 bits."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit greyscale (PNG/TIFF); Pillow's convert("RGB") would clip everything above 255.
+        grey = np.asarray(img, dtype=np.float64) / 257.0
+        return np.repeat(np.clip(grey, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == "F":
+        grey = np.asarray(img, dtype=np.float64)
+        grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey
+        return np.repeat(np.clip(grey, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))  # L, 1, P, CMYK, YCbCr, RGB
+
+
+def load_image(path: str) -> np.ndarray:
+    with Image.open(path, formats=PIL_FORMATS) as img:
+        img.load()  # decodes fully here, so truncated files fail now
+        return to_rgb_array(img)
+
+
+def scan_images(root: str) -> list[str]:
+    """All files under root with an image extension, recursively, sorted. A missing folder or
+    one without image files is a UserError."""
+    if not os.path.isdir(root):
+        raise UserError(f"--dataset-path {root} is not a folder: give the folder that holds your images.")
+    paths = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise UserError(f"--dataset-path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
+                        "searched recursively: point it at the folder with your images.")
+    return paths
+
+
+def _header_problem(path: str) -> Optional[str]:
+    try:
+        with Image.open(path, formats=PIL_FORMATS) as img:
+            img.size  # header only: cheap; full decode errors are caught when loading
+        return None
+    except BAD_IMAGE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def check_images(paths: Sequence[str]) -> list[str]:
+    """Drop files whose header Pillow cannot read, with one warning naming each."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        problems = list(pool.map(_header_problem, paths))
+    good = []
+    for path, problem in zip(paths, problems):
+        if problem is None:
+            good.append(path)
+        else:
+            warn(f"skipping {path}: not a readable image ({problem})")
+    if not good:
+        raise UserError(f"none of the {len(paths)} image files could be read; check the files in the dataset folder.")
+    return good
+
+
+def build_transform(size: int, train: bool, flip: bool = False, resize_to: Optional[int] = None):
+    """Shortest side to `resize_to` (default `size`), then a random (train) or center (val)
+    size x size crop, optional horizontal flip. Albumentations 2.x."""
+    # Albumentations checks for updates over the network on import unless told not to.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+
+    ops = [A.SmallestMaxSize(max_size=resize_to or size, area_for_downscale="image"),
+           A.RandomCrop(size, size) if train else A.CenterCrop(size, size)]
+    if train and flip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    return A.Compose(ops)
+
+
+def sample_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class ImageDataset(Dataset):
+    """Images as (C, H, W) float tensors in [-1, 1].
+
+    Items are file paths or in-memory (H, W, 3) arrays; `length` may exceed the number of items
+    (the demo draws many random crops from a few photographs). Keys are (index, epoch) pairs from
+    EpochSampler: each sample's augmentation is seeded by (seed, epoch, index), so a run sees the
+    same pixels whatever the number of workers, different ones every epoch and in every worker,
+    and a resumed run continues exactly. A file that fails to decode is skipped with one warning
+    (per process) and the next item is used in its place.
+    """
+
+    def __init__(self, items: Sequence, transform, seed: int, length: Optional[int] = None, channels: int = 3):
+        self.items, self.transform, self.seed = list(items), transform, seed
+        self.length, self.channels = length or len(self.items), channels
+        self._warned: set = set()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key) -> torch.Tensor:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        n = len(self.items)
+        for attempt in range(min(n, 64)):
+            item = self.items[(index + attempt) % n]
+            try:
+                image = load_image(item) if isinstance(item, str) else item
+            except BAD_IMAGE_ERRORS as e:
+                if item not in self._warned:
+                    self._warned.add(item)
+                    warn(f"skipping {item}: cannot decode it ({type(e).__name__}: {e})")
+                continue
+            self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
+            return to_tensor(self.transform(image=image)["image"], self.channels)
+        raise UserError(f"{min(n, 64)} images in a row could not be decoded (from item {index}); check the dataset.")
+
+
+def to_tensor(image: np.ndarray, channels: int = 3) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (channels, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+    if channels == 1:  # ITU-R 601 luma
+        x = (0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3])
+    return x
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) keys in an order fixed by (seed, epoch), from position `start`, so
+    that a run resumed in the middle of an epoch continues with the same samples."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        for i in order[self.start:].tolist():
+            yield (i, self.epoch)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32  # differs per worker (PyTorch adds the worker id)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, num_workers: int,
+                drop_last: bool, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_seed_worker,
+                      persistent_workers=num_workers > 0)
+
+
+# Colour photographs that ship inside scikit-image's wheel (no download). One is held out.
+DEMO_TRAIN_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",
+                     "retina", "stereo_motorcycle")
+DEMO_VAL_IMAGES = ("rocket",)
+
+
+def demo_images(names: Sequence[str], shortest_side: int) -> list[np.ndarray]:
+    """The named scikit-image photographs as RGB arrays, shortest side resized once."""
+    import skimage.data
+
+    out = []
+    for name in names:
+        image = getattr(skimage.data, name)()
+        image = image[0] if isinstance(image, tuple) else image  # stereo pair: the left view
+        pil = Image.fromarray(image)
+        scale = shortest_side / min(pil.size)
+        pil = pil.resize((max(shortest_side, round(pil.width * scale)), max(shortest_side, round(pil.height * scale))),
+                         Image.Resampling.LANCZOS)
+        out.append(np.asarray(pil.convert("RGB")))
+    return out
+
+
+def split_files(paths: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded hold-out split: (train, val), each sorted."""
+    shuffled = list(paths)
+    random.Random(seed).shuffle(shuffled)
+    n_val = min(len(paths) - 1, max(1 if val_fraction > 0 else 0, round(len(paths) * val_fraction)))
+    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+
+
+def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: bool, val_fraction: float,
+                   seed: int, demo_length: int = 2048) -> tuple[ImageDataset, ImageDataset, str]:
+    """(train, val, description) for a folder of images or, without a path, the demo photos."""
+    if dataset_path is None:
+        side = 4 * size  # crops show a quarter of the (resized) photo's short side
+        train = ImageDataset(demo_images(DEMO_TRAIN_IMAGES, side), build_transform(size, True, flip, side),
+                             seed, length=demo_length, channels=channels)
+        # Validation: fixed random crops (epoch 0, fixed seed) of a photograph never trained on.
+        val = ImageDataset(demo_images(DEMO_VAL_IMAGES, side), build_transform(size, True, False, side),
+                           seed + 1, length=64, channels=channels)
+        return train, val, (f"demo: random {size}x{size} crops of {len(DEMO_TRAIN_IMAGES)} scikit-image photographs "
+                            f"(validation: crops of '{DEMO_VAL_IMAGES[0]}', never trained on)")
+    paths = check_images(scan_images(dataset_path))
+    train_paths, val_paths = split_files(paths, val_fraction, seed)
+    train = ImageDataset(train_paths, build_transform(size, True, flip), seed, channels=channels)
+    val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels)
+    return train, val, f"{dataset_path}: {len(train_paths)} training and {len(val_paths)} validation images"
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(obj: dict, path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash at any
+    moment leaves either the old or the new file, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Weights-only loading: tensors and plain Python values, never code from the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist: check the path.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} cannot be loaded as a weights-only checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}). Is it a checkpoint written by this "
+                        "project or a plain state dict?") from None
+
+
+# ------------------------------------------------------------------------- run folders, logs
+class RunFolder:
+    """config.json, checkpoints/last.pt + numbered snapshots, samples/, metrics.jsonl and
+    optional TensorBoard events. Only rank 0 writes."""
+
+    def __init__(self, root: str, config: dict, tensorboard: bool = False, keep: int = 3):
+        self.root, self.keep = Path(root), keep
+        self.ckpt_dir, self.sample_dir = self.root / "checkpoints", self.root / "samples"
+        self.tb = None
+        if not is_main_process():
+            return
+        try:
+            for d in (self.ckpt_dir, self.sample_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            (self.root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write to the output folder {self.root} ({e.strerror}): "
+                            "choose a writable --output-dir.") from None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.root / "tensorboard"))
+            except ImportError:
+                warn("--tensorboard needs the tensorboard package (pip install tensorboard); logging to metrics.jsonl only.")
+
+    @staticmethod
+    def last_checkpoint(root) -> Path:
+        return Path(root) / "checkpoints" / "last.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.last_checkpoint(self.root)
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        if not is_main_process():
+            return
+        with open(self.root / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def save(self, checkpoint: dict, step: int) -> None:
+        """Write last.pt atomically and keep it as snapshot step_XXXXXXX.pt (a hard link, so no
+        second write); only the newest `keep` snapshots stay."""
+        if not is_main_process():
+            return
+        save_checkpoint(checkpoint, self.last)
+        snap = self.ckpt_dir / f"step_{step:07d}.pt"
+        if self.keep > 0:
+            if snap.exists():
+                snap.unlink()
+            try:
+                os.link(self.last, snap)
+            except OSError:
+                save_checkpoint(checkpoint, snap)
+        for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.keep or None]:
+            old.unlink()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@torch.no_grad()
+def save_sample_grid(rows: Sequence[torch.Tensor], path) -> None:
+    """Save images in [-1, 1] as a grid, one row per tensor (e.g. inputs above reconstructions)."""
+    from torchvision.utils import save_image
+
+    images = torch.cat([r.detach().float().cpu() for r in rows])
+    save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=rows[0].shape[0], padding=2)
+
+
+@torch.no_grad()
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak 1 after mapping to [0, 1]); shape (B,)."""
+    mse = (((x.float() - y.float()) / 2) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int = 0, total_steps: Optional[int] = None,
+          schedule: str = "constant", min_ratio: float = 0.1) -> float:
+    """Linear warmup, then constant or cosine decay to min_ratio * base_lr at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine" and total_steps:
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return base_lr
