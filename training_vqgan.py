@@ -1,0 +1,278 @@
+"""Stage 1: train a VQGAN (Esser et al. 2021, Sec. 3.1, Eq. 5-7).
+
+    python training_vqgan.py                          # demo: tiny model on bundled photos, CPU ok
+    python training_vqgan.py --dataset-path DIR       # your images; --help lists every flag
+
+Loss of the generator (encoder, codebook, decoder):
+    rec_loss_factor * L1 + perceptual_loss_factor * LPIPS + codebook_weight * q_loss
+    + d_weight * disc_factor * g_loss                  (the GAN part only from --disc-start on)
+with d_weight = disc_weight * ||grad_last(L1 + LPIPS)|| / (||grad_last(g_loss)|| + 1e-4).
+The discriminator has its own step on detached reconstructions; neither step sends gradients
+into the other's parameters. `step` counts optimizer steps and is the one clock.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from codebook import codebook_usage
+from config import TrainVQGANConfig, UserError, config_to_dict, parse_train_vqgan
+from discriminator import D_LOSSES, NLayerDiscriminator, calculate_adaptive_weight, generator_loss
+from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
+from utils import (EpochSampler, RunFolder, autocast, image_datasets, is_main_process, load_checkpoint, log, lr_at,
+                   make_loader, psnr, resolve_device, resolve_precision, rng_state, run_cli,
+                   save_sample_grid, seed_everything, set_rng_state, warn)
+from vqgan import VQGAN
+
+
+@dataclass
+class Stage1:
+    """Everything one training step touches."""
+    cfg: TrainVQGANConfig
+    model: VQGAN
+    disc: NLayerDiscriminator
+    perceptual: Optional[LPIPS]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+
+    def disc_active(self, step: int) -> bool:
+        return step >= self.cfg.disc_start and self.cfg.disc_factor > 0
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters of `module` get no gradients inside the block (inputs still do)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def generator_step(s: Stage1, x: torch.Tensor, step: int):
+    """One optimizer step of encoder, codebook and decoder. Returns (logs, x_rec, indices)."""
+    cfg, zero = s.cfg, torch.zeros((), device=x.device)
+    with frozen(s.disc), autocast(s.device, s.amp_dtype):
+        x_rec, indices, q_loss = s.model(x)
+        rec_loss = (x.float() - x_rec.float()).abs().mean()
+        p_loss = s.perceptual(x, x_rec).float().mean() if s.perceptual is not None else zero
+        nll_loss = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
+        if s.disc_active(step):
+            g_loss = generator_loss(s.disc(x_rec).float(), cfg.disc_loss)
+            d_weight = cfg.disc_weight * calculate_adaptive_weight(nll_loss, g_loss, s.model.last_layer)
+        else:  # before --disc-start the discriminator does no work at all
+            g_loss, d_weight = zero, zero
+        loss = nll_loss + d_weight * cfg.disc_factor * g_loss + cfg.codebook_weight * q_loss
+    s.opt_g.zero_grad(set_to_none=True)
+    s.scaler_g.scale(loss).backward()
+    s.scaler_g.step(s.opt_g)
+    s.scaler_g.update()
+    logs = dict(loss=loss, rec_loss=rec_loss, p_loss=p_loss, q_loss=q_loss, g_loss=g_loss, d_weight=d_weight)
+    return logs, x_rec.detach(), indices
+
+
+def discriminator_step(s: Stage1, x: torch.Tensor, x_rec: torch.Tensor, step: int) -> dict:
+    """One optimizer step of the PatchGAN on real images and detached reconstructions."""
+    if not s.disc_active(step):
+        return {}
+    with autocast(s.device, s.amp_dtype):
+        # One forward over real and fake together: BatchNorm sees both in one batch, and a DDP-
+        # wrapped BatchNorm is never called twice per step (the reference runs two forwards).
+        logits = s.disc(torch.cat([x, x_rec.detach()])).float()
+        logits_real, logits_fake = logits.chunk(2)
+        d_loss = s.cfg.disc_factor * D_LOSSES[s.cfg.disc_loss](logits_real, logits_fake)
+    s.opt_d.zero_grad(set_to_none=True)
+    s.scaler_d.scale(d_loss).backward()
+    s.scaler_d.step(s.opt_d)
+    s.scaler_d.update()
+    return dict(d_loss=d_loss, logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean())
+
+
+def train_step(s: Stage1, x: torch.Tensor, step: int) -> dict:
+    """Generator step, then discriminator step. Returns 0-dim tensors (no host sync here)."""
+    lr = lr_at(step, s.cfg.learning_rate, s.cfg.lr_warmup_steps)
+    for opt in (s.opt_g, s.opt_d):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    logs, x_rec, indices = generator_step(s, x, step)
+    logs.update(discriminator_step(s, x, x_rec, step))
+    logs["usage"], logs["perplexity"] = codebook_usage(indices, s.model.config.n_embed)
+    return logs
+
+
+def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Optional[LPIPS]) -> Stage1:
+    model = VQGAN(cfg.model).to(device)
+    disc = NLayerDiscriminator(input_nc=cfg.model.out_channels, ndf=cfg.disc_ndf, n_layers=cfg.disc_layers).to(device)
+    betas = (cfg.beta1, cfg.beta2)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    fp16 = amp_dtype == torch.float16  # bf16 and fp32 need no loss scaling
+    return Stage1(cfg=cfg, model=model, disc=disc, perceptual=perceptual.to(device) if perceptual else None,
+                  opt_g=torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=betas),
+                  opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=betas),
+                  scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
+                  scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
+                  device=device, amp_dtype=amp_dtype)
+
+
+def checkpoint_dict(s: Stage1, step: int) -> dict:
+    """One dict of tensors and plain values (weights_only-loadable): all that resuming needs."""
+    return {"kind": "vqgan", "format_version": 1, "step": step,
+            "model": s.model.state_dict(), "model_config": config_to_dict(s.cfg.model),
+            "discriminator": s.disc.state_dict(),
+            "opt_g": s.opt_g.state_dict(), "opt_d": s.opt_d.state_dict(),
+            "scaler_g": s.scaler_g.state_dict(), "scaler_d": s.scaler_d.state_dict(),
+            "train_config": config_to_dict(s.cfg), "rng": rng_state()}
+
+
+def restore(s: Stage1, path: str) -> int:
+    ckpt = load_checkpoint(path, map_location=s.device)
+    if ckpt.get("kind") != "vqgan" or "discriminator" not in ckpt:
+        raise UserError(f"{path} is not a stage-1 training checkpoint (kind '{ckpt.get('kind')}'): "
+                        "--resume takes a checkpoint written by training_vqgan.py.")
+    if ckpt["model_config"] != config_to_dict(s.cfg.model):
+        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in config_to_dict(s.cfg.model).items()
+                if ckpt["model_config"].get(k) != v}
+        raise UserError(f"{path} was trained with a different architecture "
+                        + ", ".join(f"{k}={old} (flags say {new})" for k, (new, old) in diff.items())
+                        + ": give the same --preset and model flags as the original run.")
+    s.model.load_state_dict(ckpt["model"])
+    s.disc.load_state_dict(ckpt["discriminator"])
+    s.opt_g.load_state_dict(ckpt["opt_g"])
+    s.opt_d.load_state_dict(ckpt["opt_d"])
+    s.scaler_g.load_state_dict(ckpt["scaler_g"])
+    s.scaler_d.load_state_dict(ckpt["scaler_d"])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["step"])
+
+
+def setup_perceptual(cfg: TrainVQGANConfig) -> tuple[TrainVQGANConfig, Optional[LPIPS]]:
+    """LPIPS with real weights, before any training. An explicit run without VGG weights stops
+    with the ways out; the demo warns once and trains without the perceptual term."""
+    if cfg.perceptual_loss_factor == 0:
+        return cfg, None
+    try:
+        return cfg, load_lpips(cfg.vgg_weights)
+    except VGGWeightsUnavailable as e:
+        if cfg.dataset_path is not None:
+            raise
+        warn(f"{e}\nThe demo continues without the perceptual term (--perceptual-loss-factor 0).")
+        return dataclasses.replace(cfg, perceptual_loss_factor=0.0), None
+
+
+@torch.no_grad()
+def evaluate_psnr(s: Stage1, loader) -> Optional[float]:
+    """Mean PSNR (dB) of reconstructions over the validation loader."""
+    was_training = s.model.training
+    s.model.eval()
+    values = []
+    for x in loader:
+        x = x.to(s.device, non_blocking=True)
+        with autocast(s.device, s.amp_dtype):
+            x_rec, _, _ = s.model(x)
+        values.append(psnr(x, x_rec.clamp(-1, 1)))
+    s.model.train(was_training)
+    return torch.cat(values).mean().item() if values else None
+
+
+def main(cfg: TrainVQGANConfig) -> dict:
+    device = resolve_device(cfg.device)
+    last = RunFolder.last_checkpoint(cfg.output_dir)
+    resume_path = str(last) if cfg.resume == "latest" else cfg.resume
+    if resume_path is None and last.exists():
+        raise UserError(f"{last} already exists: continue that run with --resume latest, or start a new one "
+                        "with another --output-dir.")
+    seed_everything(cfg.seed)
+
+    mc = cfg.model
+    train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.flip,
+                                                   cfg.val_fraction, cfg.seed)
+    if len(train_ds) < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_ds)} training images: "
+                        "lower --batch-size or add images.")
+    cfg, perceptual = setup_perceptual(cfg)
+    run = RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints)
+    s = build_stage1(cfg, device, perceptual)
+    step = restore(s, resume_path) if resume_path else 0
+
+    steps_per_epoch = len(train_ds) // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    sampler = EpochSampler(len(train_ds), cfg.seed)
+    loader = make_loader(train_ds, sampler, cfg.batch_size, cfg.num_workers, drop_last=True,
+                         pin_memory=device.type == "cuda")
+    val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size,
+                             0, drop_last=False)
+    fixed = next(iter(val_loader)) if len(val_ds) else next(iter(loader))
+    fixed = fixed[:8].to(device)
+
+    n_params = sum(p.numel() for p in s.model.parameters())
+    log(f"data: {description}")
+    log(f"model: {n_params / 1e6:.2f}M parameters, {mc.latent_size}x{mc.latent_size} tokens from "
+        f"{mc.resolution}x{mc.resolution} images, {mc.n_embed} codes; device {device}, precision "
+        f"{str(s.amp_dtype).replace('torch.', '') if s.amp_dtype else 'fp32'}; run folder {cfg.output_dir}")
+    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {cfg.batch_size}); "
+        f"discriminator from step {cfg.disc_start}" + (f"; resumed at step {step}" if step else ""))
+    psnr_before = evaluate_psnr(s, val_loader)
+    if psnr_before is not None:
+        log(f"validation PSNR before training: {psnr_before:.2f} dB")
+
+    s.model.train()
+    s.disc.train()
+    bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not is_main_process())
+    sums, t_last, n_last = {}, time.perf_counter(), 0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, offset * cfg.batch_size)
+        for x in loader:
+            x = x.to(device, non_blocking=True)
+            logs = train_step(s, x, step)
+            step += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            n_last += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                dt = time.perf_counter() - t_last
+                metrics = {k: v.item() / n_last for k, v in sums.items()}
+                metrics.update(epoch=epoch, lr=lr_at(step - 1, cfg.learning_rate, cfg.lr_warmup_steps),
+                               step_time=dt / n_last, images_per_s=n_last * cfg.batch_size / dt)
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage")})
+                run.log_metrics(step, metrics)
+                sums, t_last, n_last = {}, time.perf_counter(), 0
+            if step % cfg.sample_every == 0 or step == total_steps:
+                with torch.no_grad(), autocast(device, s.amp_dtype):
+                    s.model.eval()
+                    rec = s.model(fixed)[0]
+                    s.model.train()
+                save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
+                val = evaluate_psnr(s, val_loader)
+                if val is not None:
+                    run.log_metrics(step, {"val_psnr": val})
+            if step % cfg.save_every == 0 or step == total_steps:
+                run.save(checkpoint_dict(s, step), step)
+            if step >= total_steps:
+                break
+    bar.close()
+
+    psnr_after = evaluate_psnr(s, val_loader)
+    if psnr_after is not None:
+        log(f"validation PSNR after {step} steps: {psnr_after:.2f} dB (before: {psnr_before:.2f} dB)")
+    log(f"checkpoint: {run.last}; samples: {run.sample_dir}")
+    run.close()
+    return {"step": step, "psnr_before": psnr_before, "psnr_after": psnr_after}
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_train_vqgan)
