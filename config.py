@@ -99,11 +99,75 @@ class TrainVQGANConfig:
     model: VQGANConfig = field(default_factory=VQGANConfig)
 
 
+@dataclass
+class GPTConfig:
+    """Stage-2 transformer. vocab_size and block_size are derived from the VQGAN and the classes
+    (transformer.py, `gpt_shape`), never given as flags."""
+    vocab_size: int = field(default=1025, metadata={"derived": True})
+    block_size: int = field(default=256, metadata={"derived": True})
+    n_layer: int = _f(24, "transformer blocks")
+    n_head: int = _f(16, "attention heads")
+    n_embd: int = _f(1024, "width of the transformer")
+    embd_pdrop: float = _f(0.0, "dropout on token + position embeddings")
+    resid_pdrop: float = _f(0.0, "dropout on residual branches")
+    attn_pdrop: float = _f(0.0, "dropout on attention weights")
+
+
+@dataclass
+class TrainTransformerConfig:
+    """A stage-2 training run (training_transformer.py)."""
+    dataset_path: Optional[str] = _f(None, "folder of training images (first-level subfolders are the classes with --conditional); omit for the demo photographs")
+    vqgan_checkpoint: Optional[str] = _f(None, "stage-1 checkpoint (default: runs/vqgan/checkpoints/last.pt, the demo's)", "--checkpoint-path")
+    output_dir: str = _f("runs/transformer", "run folder: config.json, checkpoints/, samples/, metrics.jsonl")
+    preset: Optional[str] = _f(None, "named GPT size to start from (see GPT_PRESETS in config.py)")
+    conditional: bool = _f(False, "class-conditional: one class per first-level subfolder of --dataset-path")
+    class_dropout: float = _f(0.1, "probability of replacing the class token by 'no class' (classifier-free guidance)")
+    pkeep: float = _f(1.0, "probability of keeping each input code; the rest are replaced by random codes (paper's pkeep)")
+    sos_token: Optional[int] = _f(None, "accepted for compatibility and ignored: the start token has its own id")
+    augment: bool = _f(False, "random crops and flips instead of center crops (turns the token cache off)")
+    cache_tokens: bool = _f(True, "encode the dataset once with the frozen VQGAN (only without --augment)")
+    batch_size: int = _f(16, "sequences per optimizer step")
+    epochs: int = _f(100, "upper bound on passes over the data")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps")
+    learning_rate: float = _f(4.5e-4, "peak AdamW learning rate")
+    lr_warmup_steps: int = _f(100, "linear warmup steps, then cosine decay to 10% at the last step")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    weight_decay: float = _f(0.01, "AdamW weight decay (Linear weights only)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    val_fraction: float = _f(0.05, "fraction of the images held out for validation")
+    num_workers: int = _f(2, "data-loading worker processes")
+    seed: int = _f(0, "random seed")
+    log_every: int = _f(50, "steps between metrics.jsonl lines")
+    sample_every: int = _f(1000, "steps between sample grids")
+    save_every: int = _f(1000, "steps between checkpoints")
+    keep_checkpoints: int = _f(3, "numbered snapshots kept besides last.pt")
+    num_samples: int = _f(8, "samples per row of the sample grids")
+    temperature: float = _f(1.0, "sampling temperature of the sample grids")
+    top_k: Optional[int] = _f(None, "top-k of the sample grids (default: all codes)")
+    precision: str = _f("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
+    resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
+    tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+
+GPT_PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, batch_size=16, learning_rate=1e-3),
+    "small": dict(n_layer=12, n_head=12, n_embd=768),
+    # the reference's FFHQ/CelebA-HQ-sized GPT at f16-1024 (24 layers, width 1024, 16 heads)
+    "f16-1024": dict(n_layer=24, n_head=16, n_embd=1024),
+}
+
+# `python training_transformer.py` with no arguments: continue the stage-1 demo.
+DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=1500, lr_warmup_steps=100, log_every=50,
+                              sample_every=500, save_every=500, top_k=100)
+
 PRESETS: dict[str, dict] = {
     # A CPU-sized model for the demo and quick experiments: 64x64 images, 8x8 tokens.
     "tiny": dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
                  z_channels=64, embed_dim=64, n_embed=512,
-                 batch_size=16, learning_rate=2e-4, disc_start=2000, disc_weight=0.8),
+                 batch_size=8, learning_rate=1e-3, disc_start=2000),
     # The reference's ImageNet models (Esser et al. 2021, Tab. 2 / released checkpoints).
     "f16-1024": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
                      z_channels=256, embed_dim=256, n_embed=1024),
@@ -113,7 +177,7 @@ PRESETS: dict[str, dict] = {
 
 # `python training_vqgan.py` with no --dataset-path: the tiny preset on bundled photographs,
 # sized to finish on a 2-core CPU within minutes.
-DEMO_VQGAN: dict = dict(preset="tiny", max_steps=3000, log_every=50, sample_every=500, save_every=1000)
+DEMO_VQGAN: dict = dict(preset="tiny", max_steps=1000, disc_start=700, log_every=50, sample_every=250, save_every=500)
 
 # Flags that set two fields at once (names users of the original flat implementation know).
 COMPOSITE_FLAGS: dict[str, tuple[str, tuple[str, ...], type, str]] = {
@@ -131,7 +195,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
+        if dataclasses.is_dataclass(hints[f.name]) or f.metadata.get("derived"):
             continue
         tp, meta = hints[f.name], f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -150,9 +214,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
         group.add_argument(_flag(f.name), *meta.get("aliases", ()), **kw)
 
 
-def build_parser(train_cls, model_cls, description: str) -> argparse.ArgumentParser:
+def build_parser(train_cls, model_cls, description: str, presets: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
-                                     epilog=f"Presets: {', '.join(PRESETS)}. A preset sets defaults; flags override it.")
+                                     epilog=f"Presets: {', '.join(presets)}. A preset sets defaults; flags override it.")
     _add_fields(parser, train_cls, "training")
     _add_fields(parser, model_cls, "model")
     group = parser.add_argument_group("shorthands")
@@ -162,7 +226,7 @@ def build_parser(train_cls, model_cls, description: str) -> argparse.ArgumentPar
     return parser
 
 
-def make_config(train_cls, model_cls, given: dict, demo: Optional[dict] = None):
+def make_config(train_cls, model_cls, given: dict, presets: dict, demo: Optional[dict] = None):
     """Build (train_cfg) from explicitly given values (field name -> value), applying the
     preset and, when no dataset path is given, the demo settings. Unknown names are an error."""
     given = dict(given)
@@ -176,9 +240,9 @@ def make_config(train_cls, model_cls, given: dict, demo: Optional[dict] = None):
         values.update(demo)
     preset = given.get("preset", values.get("preset"))
     if preset is not None:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}.")
-        values = {**PRESETS[preset], **values}
+        if preset not in presets:
+            raise UserError(f"unknown preset '{preset}': choose one of {', '.join(presets)}.")
+        values = {**presets[preset], **values}
     values.update(given)
     model_names = {f.name for f in fields(model_cls)}
     train_names = {f.name for f in fields(train_cls)} - {"model"}
@@ -191,8 +255,15 @@ def make_config(train_cls, model_cls, given: dict, demo: Optional[dict] = None):
 
 def parse_train_vqgan(argv: Optional[list[str]] = None) -> TrainVQGANConfig:
     parser = build_parser(TrainVQGANConfig, VQGANConfig,
-                          "Stage 1: train a VQGAN image tokenizer (Esser et al. 2021) on a folder of images.")
-    return make_config(TrainVQGANConfig, VQGANConfig, vars(parser.parse_args(argv)), demo=DEMO_VQGAN)
+                          "Stage 1: train a VQGAN image tokenizer (Esser et al. 2021) on a folder of images.", PRESETS)
+    return make_config(TrainVQGANConfig, VQGANConfig, vars(parser.parse_args(argv)), PRESETS, demo=DEMO_VQGAN)
+
+
+def parse_train_transformer(argv: Optional[list[str]] = None) -> TrainTransformerConfig:
+    parser = build_parser(TrainTransformerConfig, GPTConfig,
+                          "Stage 2: train a GPT over the codes of a trained VQGAN (Esser et al. 2021).", GPT_PRESETS)
+    return make_config(TrainTransformerConfig, GPTConfig, vars(parser.parse_args(argv)), GPT_PRESETS,
+                       demo=DEMO_TRANSFORMER)
 
 
 def config_to_dict(cfg) -> dict:

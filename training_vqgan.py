@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,8 +25,8 @@ from codebook import codebook_usage
 from config import TrainVQGANConfig, UserError, config_to_dict, parse_train_vqgan
 from discriminator import D_LOSSES, NLayerDiscriminator, calculate_adaptive_weight, generator_loss
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
-from utils import (EpochSampler, RunFolder, autocast, image_datasets, is_main_process, load_checkpoint, log, lr_at,
-                   make_loader, psnr, resolve_device, resolve_precision, rng_state, run_cli,
+from utils import (EpochSampler, MeanMeter, RunFolder, autocast, epoch_batches, image_datasets, is_main_process,
+                   load_checkpoint, log, lr_at, make_loader, psnr, resolve_device, resolve_precision, rng_state, run_cli,
                    save_sample_grid, seed_everything, set_rng_state, warn)
 from vqgan import VQGAN
 
@@ -231,39 +230,28 @@ def main(cfg: TrainVQGANConfig) -> dict:
     s.model.train()
     s.disc.train()
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not is_main_process())
-    sums, t_last, n_last = {}, time.perf_counter(), 0
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, offset * cfg.batch_size)
-        for x in loader:
-            x = x.to(device, non_blocking=True)
-            logs = train_step(s, x, step)
-            step += 1
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            n_last += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                dt = time.perf_counter() - t_last
-                metrics = {k: v.item() / n_last for k, v in sums.items()}
-                metrics.update(epoch=epoch, lr=lr_at(step - 1, cfg.learning_rate, cfg.lr_warmup_steps),
-                               step_time=dt / n_last, images_per_s=n_last * cfg.batch_size / dt)
-                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage")})
-                run.log_metrics(step, metrics)
-                sums, t_last, n_last = {}, time.perf_counter(), 0
-            if step % cfg.sample_every == 0 or step == total_steps:
-                with torch.no_grad(), autocast(device, s.amp_dtype):
-                    s.model.eval()
-                    rec = s.model(fixed)[0]
-                    s.model.train()
-                save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
-                val = evaluate_psnr(s, val_loader)
-                if val is not None:
-                    run.log_metrics(step, {"val_psnr": val})
-            if step % cfg.save_every == 0 or step == total_steps:
-                run.save(checkpoint_dict(s, step), step)
-            if step >= total_steps:
-                break
+    meter = MeanMeter()
+    for epoch, x in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader):
+        meter.add(train_step(s, x.to(device, non_blocking=True), step))
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            metrics = meter.flush()
+            metrics.update(epoch=epoch, lr=lr_at(step - 1, cfg.learning_rate, cfg.lr_warmup_steps),
+                           images_per_s=cfg.batch_size / metrics["step_time"])
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage")})
+            run.log_metrics(step, metrics)
+        if step % cfg.sample_every == 0 or step == total_steps:
+            with torch.no_grad(), autocast(device, s.amp_dtype):
+                s.model.eval()
+                rec = s.model(fixed)[0]
+                s.model.train()
+            save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
+            val = evaluate_psnr(s, val_loader)
+            if val is not None:
+                run.log_metrics(step, {"val_psnr": val})
+        if step % cfg.save_every == 0 or step == total_steps:
+            run.save(checkpoint_dict(s, step), step)
     bar.close()
 
     psnr_after = evaluate_psnr(s, val_loader)

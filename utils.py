@@ -10,6 +10,7 @@ import math
 import os
 import random
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -168,15 +169,15 @@ def check_images(paths: Sequence[str]) -> list[str]:
     return good
 
 
-def build_transform(size: int, train: bool, flip: bool = False, resize_to: Optional[int] = None):
-    """Shortest side to `resize_to` (default `size`), then a random (train) or center (val)
+def build_transform(size: int, train: bool, flip: bool = False, resize: bool = True):
+    """Shortest side to `size` (unless resize=False), then a random (train) or center (val)
     size x size crop, optional horizontal flip. Albumentations 2.x."""
     # Albumentations checks for updates over the network on import unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import albumentations as A
 
-    ops = [A.SmallestMaxSize(max_size=resize_to or size, area_for_downscale="image"),
-           A.RandomCrop(size, size) if train else A.CenterCrop(size, size)]
+    ops = [A.SmallestMaxSize(max_size=size, area_for_downscale="image")] if resize else []
+    ops.append(A.RandomCrop(size, size) if train else A.CenterCrop(size, size))
     if train and flip:
         ops.append(A.HorizontalFlip(p=0.5))
     return A.Compose(ops)
@@ -197,15 +198,18 @@ class ImageDataset(Dataset):
     (per process) and the next item is used in its place.
     """
 
-    def __init__(self, items: Sequence, transform, seed: int, length: Optional[int] = None, channels: int = 3):
+    def __init__(self, items: Sequence, transform, seed: int, length: Optional[int] = None, channels: int = 3,
+                 labels: Optional[Sequence[int]] = None):
         self.items, self.transform, self.seed = list(items), transform, seed
         self.length, self.channels = length or len(self.items), channels
+        self.labels = None if labels is None else list(labels)
         self._warned: set = set()
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, key) -> torch.Tensor:
+    def __getitem__(self, key):
+        """(C, H, W) tensor, or (tensor, label) when the dataset has labels."""
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         n = len(self.items)
         for attempt in range(min(n, 64)):
@@ -218,7 +222,8 @@ class ImageDataset(Dataset):
                     warn(f"skipping {item}: cannot decode it ({type(e).__name__}: {e})")
                 continue
             self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
-            return to_tensor(self.transform(image=image)["image"], self.channels)
+            x = to_tensor(self.transform(image=image)["image"], self.channels)
+            return x if self.labels is None else (x, self.labels[(index + attempt) % n])
         raise UserError(f"{min(n, 64)} images in a row could not be decoded (from item {index}); check the dataset.")
 
 
@@ -267,26 +272,30 @@ def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, num_wo
                       persistent_workers=num_workers > 0)
 
 
-# Colour photographs that ship inside scikit-image's wheel (no download). One is held out.
-DEMO_TRAIN_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",
-                     "retina", "stereo_motorcycle")
-DEMO_VAL_IMAGES = ("rocket",)
+# Colour photographs that ship inside scikit-image's wheel (no download).
+DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
+               "stereo_motorcycle")
 
 
-def demo_images(names: Sequence[str], shortest_side: int) -> list[np.ndarray]:
-    """The named scikit-image photographs as RGB arrays, shortest side resized once."""
+def demo_images(shortest_side: int, min_val_width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The demo photographs as RGB arrays, shortest side resized once, each cut into a training
+    part and a held-out strip on the right (a quarter of the width, at least `min_val_width`
+    columns) that is never trained on."""
     import skimage.data
 
-    out = []
-    for name in names:
+    train, val = [], []
+    for name in DEMO_IMAGES:
         image = getattr(skimage.data, name)()
         image = image[0] if isinstance(image, tuple) else image  # stereo pair: the left view
-        pil = Image.fromarray(image)
+        pil = Image.fromarray(image).convert("RGB")
         scale = shortest_side / min(pil.size)
         pil = pil.resize((max(shortest_side, round(pil.width * scale)), max(shortest_side, round(pil.height * scale))),
                          Image.Resampling.LANCZOS)
-        out.append(np.asarray(pil.convert("RGB")))
-    return out
+        array = np.asarray(pil)
+        val_width = max(min_val_width, array.shape[1] // 4)
+        train.append(array[:, :-val_width])
+        val.append(array[:, -val_width:])
+    return train, val
 
 
 def split_files(paths: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -297,22 +306,53 @@ def split_files(paths: Sequence[str], val_fraction: float, seed: int) -> tuple[l
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
+def class_names(paths: Sequence[str], root: str) -> list[str]:
+    """Sorted names of the first-level subfolders that hold the images (one class each)."""
+    names = set()
+    for path in paths:
+        parts = Path(path).relative_to(root).parts
+        if len(parts) < 2:
+            raise UserError(f"{path} lies directly in --dataset-path, but a class-conditional run needs every image "
+                            "inside a first-level subfolder named after its class (DIR/<class>/...).")
+        names.add(parts[0])
+    return sorted(names)
+
+
 def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: bool, val_fraction: float,
-                   seed: int, demo_length: int = 2048) -> tuple[ImageDataset, ImageDataset, str]:
-    """(train, val, description) for a folder of images or, without a path, the demo photos."""
+                   seed: int, augment: bool = True, classes: Optional[list[str]] = None, demo_length: int = 2048
+                   ) -> tuple[ImageDataset, ImageDataset, str]:
+    """(train, val, description) for a folder of images or, without a path, the demo photos.
+    Training crops are random (augment) or central. With `classes` (a list, filled here from
+    the first-level subfolders when empty), items come with integer labels."""
     if dataset_path is None:
-        side = 4 * size  # crops show a quarter of the (resized) photo's short side
-        train = ImageDataset(demo_images(DEMO_TRAIN_IMAGES, side), build_transform(size, True, flip, side),
-                             seed, length=demo_length, channels=channels)
-        # Validation: fixed random crops (epoch 0, fixed seed) of a photograph never trained on.
-        val = ImageDataset(demo_images(DEMO_VAL_IMAGES, side), build_transform(size, True, False, side),
-                           seed + 1, length=64, channels=channels)
-        return train, val, (f"demo: random {size}x{size} crops of {len(DEMO_TRAIN_IMAGES)} scikit-image photographs "
-                            f"(validation: crops of '{DEMO_VAL_IMAGES[0]}', never trained on)")
+        if classes is not None:
+            raise UserError("a class-conditional run needs --dataset-path with one subfolder per class; "
+                            "the demo photographs have no classes.")
+        # Shortest side 4x the crop, so a crop shows a quarter of it; the right quarter (at least
+        # one crop wide) of every photo is held out for validation.
+        side = 4 * size
+        train_parts, val_parts = demo_images(side, min_val_width=size)
+        train = ImageDataset(train_parts, build_transform(size, augment, flip, resize=False), seed,
+                             length=demo_length, channels=channels)
+        # Validation: fixed random crops (epoch 0, fixed seed) of the held-out strips.
+        val = ImageDataset(val_parts, build_transform(size, True, resize=False), seed + 1, length=64,
+                           channels=channels)
+        return train, val, (f"demo: random {size}x{size} crops of {len(DEMO_IMAGES)} scikit-image photographs "
+                            f"(validation: crops of a held-out strip of each)")
     paths = check_images(scan_images(dataset_path))
     train_paths, val_paths = split_files(paths, val_fraction, seed)
-    train = ImageDataset(train_paths, build_transform(size, True, flip), seed, channels=channels)
-    val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels)
+    label = lambda ps: None  # noqa: E731
+    if classes is not None:
+        found = class_names(paths, dataset_path)
+        if classes and classes != found:
+            raise UserError(f"the classes of {dataset_path} ({', '.join(found)}) differ from the checkpoint's "
+                            f"({', '.join(classes)}): use the same folder layout as the original run.")
+        classes[:] = found
+        index = {name: i for i, name in enumerate(found)}
+        label = lambda ps: [index[Path(p).relative_to(dataset_path).parts[0]] for p in ps]  # noqa: E731
+    train = ImageDataset(train_paths, build_transform(size, augment, flip and augment), seed, channels=channels,
+                         labels=label(train_paths))
+    val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels, labels=label(val_paths))
     return train, val, f"{dataset_path}: {len(train_paths)} training and {len(val_paths)} validation images"
 
 
@@ -343,6 +383,41 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"{path} cannot be loaded as a weights-only checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}). Is it a checkpoint written by this "
                         "project or a plain state dict?") from None
+
+
+# ---------------------------------------------------------------------------- training loop
+def epoch_batches(step: int, total_steps: int, batch_size: int, sampler: EpochSampler, loader: DataLoader):
+    """Yield (epoch, batch) from optimizer step `step` on until `total_steps`, setting the
+    sampler so that a resumed run continues at the same place of the same epoch order."""
+    steps_per_epoch = sampler.n // batch_size
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, offset * batch_size)
+        for batch in loader:
+            yield epoch, batch
+            step += 1
+            if step >= total_steps:
+                return
+
+
+class MeanMeter:
+    """Averages 0-dim tensors over a log interval (one host sync per interval) and times it."""
+
+    def __init__(self):
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+
+    def add(self, logs: dict) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.count += 1
+
+    def flush(self) -> dict:
+        """Means of the interval, plus step_time (seconds per step)."""
+        dt = time.perf_counter() - self.t0
+        out = {k: v.item() / self.count for k, v in self.sums.items()}
+        out["step_time"] = dt / max(1, self.count)
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+        return out
 
 
 # ------------------------------------------------------------------------- run folders, logs

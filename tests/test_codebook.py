@@ -1,5 +1,4 @@
 """Vector quantizer: nearest codes, straight-through gradients, loss placement, statistics."""
-import math
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ from config import (DEMO_VQGAN, PRESETS, TrainVQGANConfig, UserError, VQGANConfi
 
 
 def test_every_field_has_a_flag_with_its_default_in_help():
-    parser = build_parser(TrainVQGANConfig, VQGANConfig, "")
+    parser = build_parser(TrainVQGANConfig, VQGANConfig, "", PRESETS)
     text = parser.format_help()
     for cls in (TrainVQGANConfig, VQGANConfig):
         for f in dataclasses.fields(cls):

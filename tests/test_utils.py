@@ -1,6 +1,5 @@
 """Data pipeline, image conversion, sampler, checkpoints, metrics helpers."""
 import io
-import math
 import os
 
 import numpy as np

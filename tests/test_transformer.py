@@ -1,0 +1,134 @@
+"""VQGANTransformer: token layout, sampling filters, cache, sliding window, conditioning."""
+import pytest
+import torch
+
+from config import GPTConfig, UserError
+from transformer import VQGANTransformer, filter_logits, gpt_shape
+from vqgan import VQGAN
+
+
+def make(tiny_cfg, classes=(), seed=0):
+    torch.manual_seed(seed)
+    vqgan = VQGAN(tiny_cfg)  # 32x32 images -> 16x16 tokens; use a smaller grid for speed below
+    gpt = GPTConfig(n_layer=2, n_head=2, n_embd=32, **gpt_shape(tiny_cfg, len(classes)))
+    return VQGANTransformer(vqgan, gpt, classes).eval()
+
+
+@pytest.fixture
+def small_cfg(tiny_cfg):
+    """4x4 tokens (16 per image): f8 from 32x32 images."""
+    from dataclasses import replace
+    return replace(tiny_cfg, ch_mult=(1, 1, 1, 2), attn_resolutions=())
+
+
+def test_token_layout(small_cfg):
+    m = make(small_cfg, classes=("a", "b", "c"))
+    assert m.n_codes == 64 and m.start_token == 67 and m.gpt.config.vocab_size == 68
+    assert m.gpt.config.block_size == 16 and m.latent_shape == (4, 4)
+    u = make(small_cfg)
+    assert u.start_token == 64 and u.gpt.config.vocab_size == 65
+
+
+def test_filters_keep_exactly_the_intended_tokens():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 3.0, -2.0]])
+    kept = filter_logits(logits, top_k=2).isfinite()[0].tolist()
+    assert kept == [False, True, True, False, False] or kept == [False, True, False, True, False]
+    assert filter_logits(logits, top_k=3).isfinite().sum() == 3
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert filter_logits(p, top_p=0.5).isfinite()[0].tolist() == [True, False, False, False]
+    assert filter_logits(p, top_p=0.6).isfinite()[0].tolist() == [True, True, False, False]
+    assert filter_logits(p, top_p=0.96).isfinite()[0].tolist() == [True, True, True, True]
+    assert filter_logits(p, top_p=0.01).isfinite()[0].tolist() == [True, False, False, False]
+
+
+def test_cached_and_uncached_greedy_sampling_agree(small_cfg):
+    m = make(small_cfg)
+    a = m.sample(3, top_k=1, use_cache=True)
+    b = m.sample(3, top_k=1, use_cache=False)
+    assert a.shape == (3, 4, 4) and torch.equal(a, b)
+
+
+def test_special_tokens_are_never_sampled(small_cfg):
+    m = make(small_cfg, classes=("a", "b"))
+    with torch.no_grad():
+        m.gpt.head.weight[64:] = 10.0  # make class and start tokens by far the most likely
+    out = m.sample(4, class_labels=[0, 1, 0, 1], generator=torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and out.max() < 64
+
+
+def test_sliding_window(small_cfg):
+    m = make(small_cfg)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    big = m.sample(2, grid=(6, 9), generator=g(), top_k=10)
+    assert big.shape == (2, 6, 9) and big.min() >= 0 and big.max() < 64
+    same = m.sample(2, grid=(4, 4), generator=g(), top_k=10)
+    plain = m.sample(2, use_cache=False, generator=g(), top_k=10)
+    assert torch.equal(same, plain)
+    assert m.indices_to_images(big).shape == (2, 3, 48, 72)
+    with pytest.raises(UserError, match="smaller than the transformer's training grid"):
+        m.sample(1, grid=(3, 8))
+
+
+def test_window_context_is_the_clamped_window(small_cfg):
+    """Record what the GPT sees for the last token of a 6x6 grid: the bottom-right 4x4 window."""
+    m = make(small_cfg)
+    seen = []
+    m.gpt.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    codes = m.sample(1, grid=(6, 6), generator=torch.Generator().manual_seed(0))
+    last = seen[-1][0]  # [start] + 15 window tokens before (3, 3) in the window
+    window = codes[0, 2:6, 2:6].reshape(-1)
+    assert last[0].item() == m.start_token and torch.equal(last[1:], window[:15])
+
+
+def test_class_token_and_guidance(small_cfg):
+    m = make(small_cfg, classes=("a", "b", "c"))
+    seen = []
+    m.gpt.register_forward_hook(lambda mod, args, out: seen.append(args[0][:, 0].clone()))
+    m.sample(2, class_labels=2, top_k=1)
+    assert seen[0].tolist() == [66, 66]
+    seen.clear()
+    m.sample(2, class_labels=[1, 0], cfg_scale=3.0, top_k=1)
+    assert seen[0].tolist() == [65, 64, 67, 67]  # conditional half, then "no class"
+    with pytest.raises(UserError, match="not known to this model"):
+        m.sample(1, class_labels=3)
+    with pytest.raises(UserError, match="unconditional"):
+        make(small_cfg).sample(1, class_labels=0)
+
+
+def test_prefix_completion_keeps_the_prefix(small_cfg):
+    m = make(small_cfg)
+    prefix = torch.randint(0, 64, (2, 2, 4))
+    out = m.sample(2, prefix=prefix, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :2], prefix)
+
+
+def test_training_forward_and_overfitting(small_cfg):
+    m = make(small_cfg, classes=("a", "b")).train()
+    tokens = torch.randint(0, 64, (8, 4, 4), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1] * 4)
+    opt = torch.optim.AdamW(m.gpt.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        logits, loss = m(tokens, labels)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert logits.shape == (8, 16, m.gpt.config.vocab_size)
+    assert loss.item() < 0.2 * first
+    assert all(p.grad is None for p in m.vqgan.parameters())
+    assert not m.vqgan.training
+
+
+def test_pkeep_and_class_dropout_corrupt_the_inputs(small_cfg):
+    m = make(small_cfg, classes=("a",)).train()
+    seen = []
+    m.gpt.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    tokens = torch.zeros(64, 4, 4, dtype=torch.long)
+    torch.manual_seed(0)
+    m(tokens, torch.zeros(64, dtype=torch.long), pkeep=0.5, class_dropout=0.5)
+    inputs = seen[0]
+    assert 0.3 < (inputs[:, 1:] != 0).float().mean() < 0.7  # about half the codes replaced
+    assert set(inputs[:, 0].tolist()) == {64, 65}  # class token or "no class"
+    m.eval()(tokens, torch.zeros(64, dtype=torch.long), pkeep=0.5, class_dropout=0.5)
+    assert (seen[1][:, 1:] == 0).all() and (seen[1][:, 0] == 64).all()  # never in eval mode

@@ -1,0 +1,211 @@
+"""Stage 2: a GPT over the code indices of a frozen VQGAN (Esser et al. 2021, Sec. 3.2), with
+class conditioning, classifier-free guidance, top-k/top-p sampling with a key/value cache, prefix
+completion, and sliding-window sampling of token grids larger than the training grid (Sec. 3.2,
+"Generating High-Resolution Images").
+
+Token ids (vocab_size = n_codes + n_classes + 1):
+    [0, n_codes)                      codes, raster order over the (h, w) grid
+    [n_codes, n_codes + n_classes)    one per class (conditional models)
+    n_codes + n_classes               start token; in conditional models also "no class"
+Special ids never share an id with a code and are never sampled. A sequence is
+[first token, code_0, ..., code_{N-2}] and the GPT predicts code_0 ... code_{N-1}.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import GPTConfig, UserError, VQGANConfig, model_config_from_dict
+from mingpt import GPT
+from vqgan import VQGAN
+
+
+def gpt_shape(vqgan_config: VQGANConfig, n_classes: int) -> dict:
+    """The derived GPT sizes: the one place they are computed."""
+    return dict(vocab_size=vqgan_config.n_embed + n_classes + 1, block_size=vqgan_config.latent_size ** 2)
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """Keep exactly the top_k largest logits, then the smallest set of the most likely tokens
+    whose probability reaches top_p (always at least one); the rest become -inf. (B, V)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        values, idx = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, values)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class VQGANTransformer(nn.Module):
+    def __init__(self, vqgan: VQGAN, gpt_config: GPTConfig, classes: Sequence[str] = ()):
+        super().__init__()
+        expected = gpt_shape(vqgan.config, len(classes))
+        if (gpt_config.vocab_size, gpt_config.block_size) != (expected["vocab_size"], expected["block_size"]):
+            raise ValueError(f"GPT vocab_size/block_size {gpt_config.vocab_size}/{gpt_config.block_size} do not fit "
+                             f"this VQGAN and {len(classes)} classes (expected {expected})")
+        self.vqgan = vqgan.eval().requires_grad_(False)
+        self.gpt = GPT(gpt_config)
+        self.classes = list(classes)
+        self.n_codes = vqgan.config.n_embed
+        self.start_token = self.n_codes + len(self.classes)
+        self.latent_shape = (vqgan.config.latent_size, vqgan.config.latent_size)
+
+    @property
+    def conditional(self) -> bool:
+        return len(self.classes) > 0
+
+    def train(self, mode: bool = True) -> "VQGANTransformer":
+        super().train(mode)
+        self.vqgan.eval()  # the first stage stays frozen and in eval mode
+        return self
+
+    # ----------------------------------------------------------------------- tokens <-> images
+    @torch.no_grad()
+    def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> code indices (B, h, w)."""
+        return self.vqgan.encode(x)[1]
+
+    @torch.no_grad()
+    def indices_to_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, h, w) -> images (B, C, h*f, w*f) in [-1, 1]."""
+        return self.vqgan.decode_indices(indices).clamp(-1, 1)
+
+    def labels_tensor(self, class_labels, batch_size: int, device) -> Optional[torch.Tensor]:
+        """Class labels (int, sequence or tensor) as a (B,) long tensor, checked against the
+        model's classes; None stays None (unconditional)."""
+        if class_labels is None:
+            return None
+        if not self.conditional:
+            raise UserError("class labels were given but this transformer is unconditional.")
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise UserError(f"{labels.numel()} class labels for {batch_size} samples.")
+        bad = labels[(labels < 0) | (labels >= len(self.classes))]
+        if bad.numel():
+            raise UserError(f"class label {bad[0].item()} is not known to this model: it has {len(self.classes)} "
+                            f"classes, 0..{len(self.classes) - 1} ({', '.join(self.classes[:10])}"
+                            f"{', ...' if len(self.classes) > 10 else ''}).")
+        return labels
+
+    def first_tokens(self, labels: Optional[torch.Tensor], batch_size: int, device, class_dropout: float = 0.0):
+        """(B, 1): the class token of each label, or the start token ("no class")."""
+        start = torch.full((batch_size, 1), self.start_token, dtype=torch.long, device=device)
+        if labels is None:
+            return start
+        tokens = (self.n_codes + labels).view(-1, 1)
+        if class_dropout > 0:
+            tokens = torch.where(torch.rand(batch_size, 1, device=device) < class_dropout, start, tokens)
+        return tokens
+
+    # --------------------------------------------------------------------------------- training
+    def forward(self, indices: torch.Tensor, labels: Optional[torch.Tensor] = None, pkeep: float = 1.0,
+                class_dropout: float = 0.0):
+        """indices (B, h, w) or (B, N) codes -> logits (B, N, vocab_size), cross-entropy loss.
+        pkeep < 1 replaces that share of the input codes by random codes (training only)."""
+        codes = indices.flatten(1)  # (B, N)
+        b = codes.shape[0]
+        inputs = codes
+        if self.training and pkeep < 1.0:
+            keep = torch.rand(codes.shape, device=codes.device) < pkeep
+            inputs = torch.where(keep, codes, torch.randint_like(codes, self.n_codes))
+        first = self.first_tokens(labels, b, codes.device, class_dropout if self.training else 0.0)
+        logits = self.gpt(torch.cat([first, inputs[:, :-1]], dim=1))  # (B, N, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
+        return logits, loss
+
+    # --------------------------------------------------------------------------------- sampling
+    def _pick(self, logits, guided, cfg_scale, temperature, top_k, top_p, generator):
+        logits = logits.float()
+        if guided:  # classifier-free guidance: uncond + s * (cond - uncond)
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg_scale * (cond - uncond)
+        logits = logits[:, :self.n_codes] / max(temperature, 1e-8)  # special tokens are never sampled
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)
+        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        return nxt.repeat(2) if guided else nxt
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, class_labels=None, temperature: float = 1.0, top_k: Optional[int] = None,
+               top_p: Optional[float] = None, cfg_scale: float = 1.0, use_cache: bool = True,
+               generator: Optional[torch.Generator] = None, prefix: Optional[torch.Tensor] = None,
+               grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Sample code indices (B, h, w). `prefix` (B, P) or (B, rows, w): codes to complete
+        (e.g. the top half of an image). `grid=(H, W)` samples a grid of any size at least the
+        training grid with the paper's sliding attention window (no cache)."""
+        device = self.gpt.head.weight.device
+        labels = self.labels_tensor(class_labels, num_samples, device)
+        guided = labels is not None and cfg_scale != 1.0
+        first = self.first_tokens(labels, num_samples, device)
+        if guided:  # second half of the batch: the same samples without their class
+            first = torch.cat([first, self.first_tokens(None, num_samples, device)])
+        pick = dict(guided=guided, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                    generator=generator)
+        if grid is not None:
+            if prefix is not None:
+                raise UserError("prefix completion and --grid cannot be combined.")
+            return self._sample_window(first, num_samples, tuple(grid), pick)
+
+        h, w = self.latent_shape
+        n = h * w
+        codes = torch.zeros(first.shape[0], n, dtype=torch.long, device=device)
+        p = 0
+        if prefix is not None:
+            prefix = prefix.reshape(num_samples, -1).to(device)
+            p = prefix.shape[1]
+            if p >= n or prefix.min() < 0 or prefix.max() >= self.n_codes:
+                raise UserError(f"a prefix must hold fewer than {n} codes with ids in [0, {self.n_codes}).")
+            codes[:, :p] = prefix.repeat(2, 1) if guided else prefix
+        if use_cache:
+            cache = self.gpt.new_cache(first.shape[0])
+            logits = self.gpt(torch.cat([first, codes[:, :p]], 1), cache=cache, start=0)[:, -1]
+        for t in range(p, n):
+            if not use_cache:
+                logits = self.gpt(torch.cat([first, codes[:, :t]], 1))[:, -1]
+            codes[:, t] = self._pick(logits, **pick)
+            if use_cache and t < n - 1:
+                logits = self.gpt(codes[:, t:t + 1], cache=cache, start=t + 1)[:, -1]
+        return codes[:num_samples].view(num_samples, h, w)
+
+    def _sample_window(self, first, num_samples, grid, pick) -> torch.Tensor:
+        """Each new token sees a training-sized window of the grid around it, clamped at the
+        borders, and its position inside that window (as the reference's high-resolution
+        sampling)."""
+        h, w = self.latent_shape
+        big_h, big_w = grid
+        if big_h < h or big_w < w:
+            raise UserError(f"grid {big_h}x{big_w} is smaller than the transformer's training grid {h}x{w}: "
+                            f"the sliding window needs at least {h}x{w} tokens.")
+        codes = torch.zeros(first.shape[0], big_h, big_w, dtype=torch.long, device=first.device)
+        for i in range(big_h):
+            i0 = min(max(i - h // 2, 0), big_h - h)
+            for j in range(big_w):
+                j0 = min(max(j - w // 2, 0), big_w - w)
+                window = codes[:, i0:i0 + h, j0:j0 + w].reshape(codes.shape[0], -1)
+                pos = (i - i0) * w + (j - j0)
+                logits = self.gpt(torch.cat([first, window[:, :pos]], 1))[:, -1]
+                codes[:, i, j] = self._pick(logits, **pick)
+        return codes[:num_samples]
+
+    # ------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_checkpoint(cls, path, map_location=None) -> "VQGANTransformer":
+        """Load a stage-2 checkpoint written by training_transformer.py (it carries its VQGAN)."""
+        from utils import load_checkpoint
+
+        ckpt = load_checkpoint(path, map_location=map_location or "cpu")
+        if ckpt.get("kind") != "transformer":
+            raise UserError(f"{path} is not a stage-2 (transformer) checkpoint (kind '{ckpt.get('kind')}'): "
+                            "give a checkpoint written by training_transformer.py.")
+        vqgan = VQGAN(model_config_from_dict(VQGANConfig, ckpt["vqgan_config"]))
+        vqgan.load_state_dict(ckpt["vqgan"])
+        model = cls(vqgan, model_config_from_dict(GPTConfig, ckpt["model_config"]), ckpt["classes"])
+        model.gpt.load_state_dict(ckpt["model"])
+        return model.eval()
