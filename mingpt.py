@@ -100,8 +100,12 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def new_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> KVCache:
+        """A cache in the dtype keys and values will have: autocast's when it is on."""
         p = self.head.weight
-        return KVCache(self.config, batch_size, p.device, dtype or p.dtype)
+        if dtype is None:
+            on = torch.is_autocast_enabled(p.device.type)
+            dtype = torch.get_autocast_dtype(p.device.type) if on else p.dtype
+        return KVCache(self.config, batch_size, p.device, dtype)
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         """idx (B, T) token ids at positions start .. start+T-1 -> logits (B, T, vocab_size).

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from config import TrainTransformerConfig, UserError, config_to_dict, parse_train_transformer
-from transformer import VQGANTransformer, gpt_shape
+from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
 from utils import (EpochSampler, MeanMeter, RunFolder, autocast, epoch_batches, image_datasets, is_main_process,
                    load_checkpoint, log, lr_at, make_loader, resolve_device, resolve_precision, rng_state, run_cli,
                    save_sample_grid, seed_everything, set_rng_state, warn)
@@ -153,10 +153,13 @@ def main(cfg: TrainTransformerConfig) -> dict:
                         "training_transformer.py.")
 
     vq_path = cfg.vqgan_checkpoint or DEMO_VQGAN_CHECKPOINT
-    if cfg.vqgan_checkpoint is None and not os.path.isfile(vq_path):
+    if resumed is not None:  # the run's own first stage, whatever --vqgan-checkpoint says now
+        vqgan, vq_path = vqgan_from_stage2(resumed).to(device), resume_path
+    elif cfg.vqgan_checkpoint is None and not os.path.isfile(vq_path):
         raise UserError(f"no stage-1 checkpoint at {vq_path}: run `python training_vqgan.py` first, "
                         "or pass --vqgan-checkpoint PATH.")
-    vqgan = VQGAN.from_checkpoint(vq_path, map_location=device)
+    else:
+        vqgan = VQGAN.from_checkpoint(vq_path, map_location=device)
     if cfg.sos_token is not None:
         warn(f"--sos-token {cfg.sos_token} is ignored: the start token has its own id after the codes and "
              "classes, so it never collides with code ids.")

@@ -28,6 +28,13 @@ def gpt_shape(vqgan_config: VQGANConfig, n_classes: int) -> dict:
     return dict(vocab_size=vqgan_config.n_embed + n_classes + 1, block_size=vqgan_config.latent_size ** 2)
 
 
+def vqgan_from_stage2(ckpt: dict) -> VQGAN:
+    """The frozen first stage stored inside a stage-2 checkpoint."""
+    vqgan = VQGAN(model_config_from_dict(VQGANConfig, ckpt["vqgan_config"]))
+    vqgan.load_state_dict(ckpt["vqgan"])
+    return vqgan.eval()
+
+
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
     """Keep exactly the top_k largest logits, then the smallest set of the most likely tokens
     whose probability reaches top_p (always at least one); the rest become -inf. (B, V)."""
@@ -204,8 +211,6 @@ class VQGANTransformer(nn.Module):
         if ckpt.get("kind") != "transformer":
             raise UserError(f"{path} is not a stage-2 (transformer) checkpoint (kind '{ckpt.get('kind')}'): "
                             "give a checkpoint written by training_transformer.py.")
-        vqgan = VQGAN(model_config_from_dict(VQGANConfig, ckpt["vqgan_config"]))
-        vqgan.load_state_dict(ckpt["vqgan"])
-        model = cls(vqgan, model_config_from_dict(GPTConfig, ckpt["model_config"]), ckpt["classes"])
+        model = cls(vqgan_from_stage2(ckpt), model_config_from_dict(GPTConfig, ckpt["model_config"]), ckpt["classes"])
         model.gpt.load_state_dict(ckpt["model"])
         return model.eval()

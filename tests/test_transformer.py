@@ -48,6 +48,13 @@ def test_cached_and_uncached_greedy_sampling_agree(small_cfg):
     assert a.shape == (3, 4, 4) and torch.equal(a, b)
 
 
+def test_sampling_under_autocast(small_cfg):
+    m = make(small_cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.sample(2, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 4, 4) and out.min() >= 0 and out.max() < 64
+
+
 def test_special_tokens_are_never_sampled(small_cfg):
     m = make(small_cfg, classes=("a", "b"))
     with torch.no_grad():
