@@ -18,6 +18,14 @@ class UserError(Exception):
     message as one paragraph and exit with code 2 instead of showing a traceback."""
 
 
+def _require(cfg, minimums: dict) -> None:
+    """Each named field (if not None) must be at least its minimum: one clear message otherwise."""
+    for name, low in minimums.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be at least {low}.")
+
+
 def _f(default, help: str, *aliases: str, choices=None):
     return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
 
@@ -41,8 +49,11 @@ class VQGANConfig:
 
     def __post_init__(self):
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
-        if not self.ch_mult:
-            raise UserError("ch_mult is empty: give at least one level, e.g. --ch-mult 1 2 4.")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise UserError(f"--ch-mult {' '.join(map(str, self.ch_mult))} is invalid: give one positive "
+                            "multiplier per level, e.g. --ch-mult 1 2 4.")
+        _require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
+                            embed_dim=1, n_embed=1, beta=0.0, dropout=0.0))
         if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
             raise UserError(f"ch={self.ch} with ch_mult={list(self.ch_mult)} gives a width that is not a "
                             "multiple of 32, which GroupNorm(32) needs: choose --ch as a multiple of 32.")
@@ -96,7 +107,24 @@ class TrainVQGANConfig:
     device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
     resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
     tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
+    val_batches: int = _f(50, "validation batches for PSNR (0: the whole validation split)")
     model: VQGANConfig = field(default_factory=VQGANConfig)
+
+    def __post_init__(self):
+        _check_training(self)
+        _require(self, dict(disc_start=0, disc_factor=0.0, disc_weight=0.0, disc_ndf=1, disc_layers=1,
+                            rec_loss_factor=0.0, perceptual_loss_factor=0.0, codebook_weight=0.0))
+        if self.model.in_channels != self.model.out_channels:
+            raise UserError(f"--in-channels {self.model.in_channels} and --out-channels {self.model.out_channels} "
+                            "differ, but the reconstruction loss compares input and output: make them equal.")
+
+
+def _check_training(cfg) -> None:
+    """Checks shared by both training configs."""
+    _require(cfg, dict(batch_size=1, epochs=1, max_steps=1, learning_rate=0.0, lr_warmup_steps=0, num_workers=0,
+                       log_every=1, sample_every=1, save_every=1, keep_checkpoints=0, val_batches=0))
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(f"--val-fraction {cfg.val_fraction} is out of range: use a value in [0, 1).")
 
 
 @dataclass
@@ -111,6 +139,15 @@ class GPTConfig:
     embd_pdrop: float = _f(0.0, "dropout on token + position embeddings")
     resid_pdrop: float = _f(0.0, "dropout on residual branches")
     attn_pdrop: float = _f(0.0, "dropout on attention weights")
+
+    def __post_init__(self):
+        _require(self, dict(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1))
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: every head needs "
+                            "an equal share of the width.")
+        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1).")
 
 
 @dataclass
@@ -149,7 +186,14 @@ class TrainTransformerConfig:
     device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
     resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
     tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
+    val_batches: int = _f(50, "validation batches for the validation loss (0: the whole validation split)")
     model: GPTConfig = field(default_factory=GPTConfig)
+
+    def __post_init__(self):
+        _check_training(self)
+        _require(self, dict(num_samples=1, top_k=1, grad_clip=0.0, weight_decay=0.0))
+        if not 0.0 < self.pkeep <= 1.0 or not 0.0 <= self.class_dropout < 1.0 or self.temperature <= 0:
+            raise UserError("--pkeep must be in (0, 1], --class-dropout in [0, 1) and --temperature above 0.")
 
 
 GPT_PRESETS: dict[str, dict] = {

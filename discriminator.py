@@ -60,10 +60,13 @@ def generator_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tens
 
 
 def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                              max_weight: float = 1e4) -> torch.Tensor:
+                              max_weight: float = 1e4, loss_scale: float = 1.0) -> torch.Tensor:
     """lambda = ||grad_L(nll)|| / (||grad_L(g_loss)|| + 1e-4), clamped to [0, max_weight] and
-    detached, where L is the decoder's last layer (Eq. 7). Multiply by disc_weight outside."""
-    nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
-    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    d_weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    detached, where L is the decoder's last layer (Eq. 7). Multiply by disc_weight outside.
+
+    loss_scale: under fp16, the GradScaler's scale; both losses are scaled before their
+    gradients are taken (so tiny gradients do not underflow) and the ratio is unchanged."""
+    nll_grad, = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)
+    d_weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)
     return d_weight.clamp(0.0, max_weight).detach()

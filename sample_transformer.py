@@ -17,7 +17,7 @@ import torch
 from torchvision.utils import save_image
 
 from config import UserError
-from transformer import VQGANTransformer
+from transformer import VQGANTransformer, check_sampling_args
 from utils import log, resolve_device, run_cli
 
 
@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> list[str]:
     label = resolve_label(model, args.class_label)
     # Check everything before writing anything.
     model.labels_tensor(label, 1, device)
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
     h, w = model.latent_shape
     if args.grid is not None and (args.grid[0] < h or args.grid[1] < w):
         raise UserError(f"--grid {args.grid[0]} {args.grid[1]} is smaller than the training grid {h} {w}.")

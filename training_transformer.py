@@ -99,11 +99,12 @@ def train_step(s: Stage2, batch, step: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(s: Stage2, loader, max_batches: int = 50) -> Optional[float]:
+def evaluate_loss(s: Stage2, loader, max_batches: int = 0) -> Optional[float]:
+    """Mean next-token loss over the first max_batches validation batches (all when 0)."""
     s.model.eval()
     losses = []
     for i, batch in enumerate(loader):
-        if i >= max_batches:
+        if 0 < max_batches <= i:
             break
         x, labels = split_batch(batch)
         with autocast(s.device, s.amp_dtype):
@@ -114,18 +115,18 @@ def evaluate_loss(s: Stage2, loader, max_batches: int = 50) -> Optional[float]:
 
 
 @torch.no_grad()
-def sample_grid(s: Stage2, images: torch.Tensor, path, generator: torch.Generator) -> None:
-    """Rows: inputs, their reconstructions, completions of their top halves, new samples
-    (one class per column, cycling, when conditional)."""
+def sample_grid(s: Stage2, images: torch.Tensor, labels: Optional[torch.Tensor], path,
+                generator: torch.Generator) -> None:
+    """Rows: inputs, their reconstructions, completions of their top halves (with their own
+    classes), new samples (one class per column, cycling, when conditional)."""
     cfg, model = s.cfg, s.model
     model.eval()
     n = images.shape[0]
-    labels = torch.arange(n) % len(model.classes) if model.conditional else None
     indices = model.encode_to_indices(images)
     h, w = model.latent_shape
     opts = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
-    half = model.sample(n, labels, prefix=indices[:, :h // 2], **opts)
-    new = model.sample(n, labels, **opts)
+    half = model.sample(n, labels if model.conditional else None, prefix=indices[:, :h // 2], **opts)
+    new = model.sample(n, torch.arange(n) % len(model.classes) if model.conditional else None, **opts)
     rows = [images, model.indices_to_images(indices), model.indices_to_images(half), model.indices_to_images(new)]
     model.train()
     save_sample_grid(rows, path)
@@ -183,7 +184,8 @@ def main(cfg: TrainTransformerConfig) -> dict:
 
     # Fixed images for the sample grids: the first of the validation split when there is one.
     grid_ds = val_ds if len(val_ds) else train_ds
-    fixed = torch.stack([split_batch(grid_ds[(i, 0)])[0] for i in range(min(cfg.num_samples, len(grid_ds)))])
+    fixed, fixed_labels = split_batch(next(iter(make_loader(grid_ds, EpochSampler(len(grid_ds), 0, shuffle=False),
+                                                            cfg.num_samples, 0, False))))
     if not cfg.augment and cfg.cache_tokens:
         train_ds = encode_dataset(model, train_ds, cfg.batch_size, cfg.num_workers, device)
         val_ds = encode_dataset(model, val_ds, cfg.batch_size, cfg.num_workers, device) if len(val_ds) else val_ds
@@ -234,11 +236,11 @@ def main(cfg: TrainTransformerConfig) -> dict:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             run.log_metrics(step, metrics)
         if step % cfg.sample_every == 0 or step == total_steps:
-            val = evaluate_loss(s, val_loader)
+            val = evaluate_loss(s, val_loader, cfg.val_batches)
             if val is not None:
                 run.log_metrics(step, {"val_loss": val})
             with autocast(device, amp_dtype):
-                sample_grid(s, fixed, run.sample_dir / f"step_{step:07d}.png", generator)
+                sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{step:07d}.png", generator)
         if step % cfg.save_every == 0 or step == total_steps:
             run.save(checkpoint_dict(s, step), step)
     bar.close()

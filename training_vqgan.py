@@ -70,8 +70,13 @@ def generator_step(s: Stage1, x: torch.Tensor, step: int):
         p_loss = s.perceptual(x, x_rec).float().mean() if s.perceptual is not None else zero
         nll_loss = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
         if s.disc_active(step):
-            g_loss = generator_loss(s.disc(x_rec).float(), cfg.disc_loss)
-            d_weight = cfg.disc_weight * calculate_adaptive_weight(nll_loss, g_loss, s.model.last_layer)
+            # Scored inside a real+fake batch, as in the discriminator step, so that BatchNorm
+            # normalizes the fakes with the same kind of statistics the discriminator learned on.
+            logits_fake = s.disc(torch.cat([x, x_rec]))[x.shape[0]:].float()
+            g_loss = generator_loss(logits_fake, cfg.disc_loss)
+            scale = s.scaler_g.get_scale() if s.scaler_g.is_enabled() else 1.0
+            d_weight = cfg.disc_weight * calculate_adaptive_weight(nll_loss, g_loss, s.model.last_layer,
+                                                                   loss_scale=scale)
         else:  # before --disc-start the discriminator does no work at all
             g_loss, d_weight = zero, zero
         loss = nll_loss + d_weight * cfg.disc_factor * g_loss + cfg.codebook_weight * q_loss
@@ -88,8 +93,9 @@ def discriminator_step(s: Stage1, x: torch.Tensor, x_rec: torch.Tensor, step: in
     if not s.disc_active(step):
         return {}
     with autocast(s.device, s.amp_dtype):
-        # One forward over real and fake together: BatchNorm sees both in one batch, and a DDP-
-        # wrapped BatchNorm is never called twice per step (the reference runs two forwards).
+        # One forward over real and fake together (the reference runs two): BatchNorm statistics
+        # come from the mixed batch in both steps, and a BatchNorm module is called once per
+        # step, which DistributedDataParallel requires.
         logits = s.disc(torch.cat([x, x_rec.detach()])).float()
         logits_real, logits_fake = logits.chunk(2)
         d_loss = s.cfg.disc_factor * D_LOSSES[s.cfg.disc_loss](logits_real, logits_fake)
@@ -136,17 +142,23 @@ def checkpoint_dict(s: Stage1, step: int) -> dict:
             "train_config": config_to_dict(s.cfg), "rng": rng_state()}
 
 
-def restore(s: Stage1, path: str) -> int:
-    ckpt = load_checkpoint(path, map_location=s.device)
+def load_resume(path: str, cfg: TrainVQGANConfig) -> dict:
+    """The checkpoint to resume from, checked against the flags before anything is written.
+    Loaded to the CPU: load_state_dict copies to the device, and RNG states must stay on the CPU."""
+    ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("kind") != "vqgan" or "discriminator" not in ckpt:
         raise UserError(f"{path} is not a stage-1 training checkpoint (kind '{ckpt.get('kind')}'): "
                         "--resume takes a checkpoint written by training_vqgan.py.")
-    if ckpt["model_config"] != config_to_dict(s.cfg.model):
-        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in config_to_dict(s.cfg.model).items()
-                if ckpt["model_config"].get(k) != v}
+    ours = config_to_dict(cfg.model)
+    if ckpt["model_config"] != ours:
+        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in ours.items() if ckpt["model_config"].get(k) != v}
         raise UserError(f"{path} was trained with a different architecture "
                         + ", ".join(f"{k}={old} (flags say {new})" for k, (new, old) in diff.items())
                         + ": give the same --preset and model flags as the original run.")
+    return ckpt
+
+
+def restore(s: Stage1, ckpt: dict) -> int:
     s.model.load_state_dict(ckpt["model"])
     s.disc.load_state_dict(ckpt["discriminator"])
     s.opt_g.load_state_dict(ckpt["opt_g"])
@@ -172,12 +184,15 @@ def setup_perceptual(cfg: TrainVQGANConfig) -> tuple[TrainVQGANConfig, Optional[
 
 
 @torch.no_grad()
-def evaluate_psnr(s: Stage1, loader) -> Optional[float]:
-    """Mean PSNR (dB) of reconstructions over the validation loader."""
+def evaluate_psnr(s: Stage1, loader, max_batches: int = 0) -> Optional[float]:
+    """Mean PSNR (dB) of reconstructions over the validation loader (its first max_batches
+    batches when max_batches > 0)."""
     was_training = s.model.training
     s.model.eval()
     values = []
-    for x in loader:
+    for i, x in enumerate(loader):
+        if 0 < max_batches <= i:
+            break
         x = x.to(s.device, non_blocking=True)
         with autocast(s.device, s.amp_dtype):
             x_rec, _, _ = s.model(x)
@@ -193,6 +208,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
     if resume_path is None and last.exists():
         raise UserError(f"{last} already exists: continue that run with --resume latest, or start a new one "
                         "with another --output-dir.")
+    resumed = load_resume(resume_path, cfg) if resume_path else None
     seed_everything(cfg.seed)
 
     mc = cfg.model
@@ -204,7 +220,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
     cfg, perceptual = setup_perceptual(cfg)
     run = RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints)
     s = build_stage1(cfg, device, perceptual)
-    step = restore(s, resume_path) if resume_path else 0
+    step = restore(s, resumed) if resumed else 0
 
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
@@ -223,7 +239,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
         f"{str(s.amp_dtype).replace('torch.', '') if s.amp_dtype else 'fp32'}; run folder {cfg.output_dir}")
     log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {cfg.batch_size}); "
         f"discriminator from step {cfg.disc_start}" + (f"; resumed at step {step}" if step else ""))
-    psnr_before = evaluate_psnr(s, val_loader)
+    psnr_before = evaluate_psnr(s, val_loader, cfg.val_batches)
     if psnr_before is not None:
         log(f"validation PSNR before training: {psnr_before:.2f} dB")
 
@@ -247,14 +263,14 @@ def main(cfg: TrainVQGANConfig) -> dict:
                 rec = s.model(fixed)[0]
                 s.model.train()
             save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
-            val = evaluate_psnr(s, val_loader)
+            val = evaluate_psnr(s, val_loader, cfg.val_batches)
             if val is not None:
                 run.log_metrics(step, {"val_psnr": val})
         if step % cfg.save_every == 0 or step == total_steps:
             run.save(checkpoint_dict(s, step), step)
     bar.close()
 
-    psnr_after = evaluate_psnr(s, val_loader)
+    psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
     if psnr_after is not None:
         log(f"validation PSNR after {step} steps: {psnr_after:.2f} dB (before: {psnr_before:.2f} dB)")
     log(f"checkpoint: {run.last}; samples: {run.sample_dir}")

@@ -35,6 +35,16 @@ def vqgan_from_stage2(ckpt: dict) -> VQGAN:
     return vqgan.eval()
 
 
+def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Options that would leave no token to sample are a UserError, not a NaN later."""
+    if temperature <= 0:
+        raise UserError(f"temperature {temperature} must be above 0 (use top_k=1 for greedy sampling).")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top-k {top_k} keeps no token: use at least 1.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top-p {top_p} is out of range: use a value in (0, 1].")
+
+
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
     """Keep exactly the top_k largest logits, then the smallest set of the most likely tokens
     whose probability reaches top_p (always at least one); the rest become -inf. (B, V)."""
@@ -134,7 +144,7 @@ class VQGANTransformer(nn.Module):
         if guided:  # classifier-free guidance: uncond + s * (cond - uncond)
             cond, uncond = logits.chunk(2)
             logits = uncond + cfg_scale * (cond - uncond)
-        logits = logits[:, :self.n_codes] / max(temperature, 1e-8)  # special tokens are never sampled
+        logits = logits[:, :self.n_codes] / temperature  # special tokens are never sampled
         probs = filter_logits(logits, top_k, top_p).softmax(-1)
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
         return nxt.repeat(2) if guided else nxt
@@ -147,6 +157,7 @@ class VQGANTransformer(nn.Module):
         """Sample code indices (B, h, w). `prefix` (B, P) or (B, rows, w): codes to complete
         (e.g. the top half of an image). `grid=(H, W)` samples a grid of any size at least the
         training grid with the paper's sliding attention window (no cache)."""
+        check_sampling_args(temperature, top_k, top_p)
         device = self.gpt.head.weight.device
         labels = self.labels_tensor(class_labels, num_samples, device)
         guided = labels is not None and cfg_scale != 1.0

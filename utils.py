@@ -95,10 +95,10 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # ----------------------------------------------------------------------------------- images
@@ -378,11 +378,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check the path.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UserError(f"{path} cannot be loaded as a weights-only checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}). Is it a checkpoint written by this "
                         "project or a plain state dict?") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict.")
+    return obj
 
 
 # ---------------------------------------------------------------------------- training loop

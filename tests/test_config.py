@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from config import (DEMO_VQGAN, PRESETS, TrainVQGANConfig, UserError, VQGANConfig, build_parser,
-                    parse_train_vqgan)
+                    parse_train_transformer, parse_train_vqgan)
 
 
 def test_every_field_has_a_flag_with_its_default_in_help():
@@ -54,6 +54,17 @@ def test_bad_configuration_is_a_user_error():
         VQGANConfig(ch=48, ch_mult=(1,))
     with pytest.raises(SystemExit):  # argparse: bad choice
         parse_train_vqgan(["--disc-loss", "wasserstein"])
+    for flags, message in ((["--batch-size", "0"], "--batch-size 0 is out of range"),
+                           (["--log-every", "0"], "--log-every 0"), (["--ch-mult", "1", "0"], "--ch-mult 1 0"),
+                           (["--val-fraction", "1"], "--val-fraction"),
+                           (["--in-channels", "1"], "--in-channels 1 and --out-channels 3")):
+        with pytest.raises(UserError, match=message):
+            parse_train_vqgan(["--dataset-path", "d", *flags])
+    with pytest.raises(UserError, match="not divisible by --n-head"):
+        parse_train_transformer(["--n-embd", "30", "--n-head", "4"])
+    for flags in (["--top-k", "0"], ["--temperature", "0"], ["--pkeep", "0"], ["--sample-every", "0"]):
+        with pytest.raises(UserError):
+            parse_train_transformer(flags)
 
 
 def test_config_round_trips_through_a_dict():

@@ -43,3 +43,5 @@ def test_adaptive_weight_by_hand():
     assert not lam.requires_grad
     tiny = (last * 1e-9).sum()  # vanishing GAN gradient: clamped to 1e4
     assert calculate_adaptive_weight(nll, tiny, last).item() == pytest.approx(1e4)
+    scaled = calculate_adaptive_weight(nll, g, last, loss_scale=1024.0)  # fp16 loss scaling: same ratio
+    assert scaled.item() == pytest.approx(lam.item(), rel=1e-5)

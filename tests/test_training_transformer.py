@@ -105,7 +105,8 @@ def test_conditional_pipeline_and_bad_inputs(tmp_path, vqgan_ckpt, data):
           "--out", str(tmp_path / "x3"))
     fails("not a stage-2 (transformer) checkpoint", "sample_transformer.py", "--checkpoint", str(vqgan_ckpt),
           "--out", str(tmp_path / "x4"))
-    assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))  # nothing written half-way
+    fails("keeps no token", "sample_transformer.py", "--checkpoint", last, "--top-k", "0", "--out", str(tmp_path / "x5"))
+    assert not any((tmp_path / f"x{i}").exists() for i in range(1, 6))  # nothing written half-way
     fails("not a VQGAN checkpoint", "training_transformer.py", "--dataset-path", str(data), "--vqgan-checkpoint",
           last, "--output-dir", str(tmp_path / "r2"), *GPT_FLAGS)
     # resuming a conditional run on a folder with other classes

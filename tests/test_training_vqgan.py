@@ -67,7 +67,7 @@ def test_adaptive_weight_in_the_step_matches_a_hand_computation(tiny_cfg):
     s2 = stage1(tiny_cfg, disc_start=0, disc_weight=0.5)
     x_rec, _, _ = s2.model(x)
     nll = (x - x_rec).abs().mean()
-    g = -s2.disc(x_rec).mean()
+    g = -s2.disc(torch.cat([x, x_rec]))[4:].mean()  # fakes scored inside a real+fake batch
     last = s2.model.decoder.conv_out.weight
     g_nll, = torch.autograd.grad(nll, last, retain_graph=True)
     g_g, = torch.autograd.grad(g, last)
@@ -153,9 +153,10 @@ def test_cli_trains_on_a_folder_with_bad_files_and_resumes(tmp_path):
     r = cli("--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "6", "--resume", "latest",
             *TINY_FLAGS, "--num-codebook-vectors", "64")
     assert r.returncode == 2 and "n_embed=32 (flags say 64)" in r.stderr
+    assert json.loads((out / "config.json").read_text())["model"]["n_embed"] == 32  # the run folder is untouched
 
 
-@pytest.mark.parametrize("case", ["empty", "missing", "no_vgg", "bad_size"])
+@pytest.mark.parametrize("case", ["empty", "missing", "no_vgg", "bad_size", "batch_zero", "resume_missing"])
 def test_cli_user_errors_exit_2_with_one_message(tmp_path, case):
     data = tmp_path / "data"
     data.mkdir()
@@ -167,13 +168,19 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path, case):
         args += ["--perceptual-loss-factor", "1", "--vgg-weights", str(tmp_path / "vgg.pth")]
     if case == "bad_size":
         args += ["--image-size", "15"]
+    if case == "batch_zero":
+        args += ["--batch-size", "0"]
+    if case == "resume_missing":
+        write_images(data, n=4, size=(20, 20))
+        args += ["--resume", str(tmp_path / "nope.pt")]
     r = cli(*args)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
     expected = {"empty": "holds no image files", "missing": "is not a folder",
-                "no_vgg": "--perceptual-loss-factor 0", "bad_size": "not divisible"}[case]
+                "no_vgg": "--perceptual-loss-factor 0", "bad_size": "not divisible",
+                "batch_zero": "--batch-size 0 is out of range", "resume_missing": "does not exist"}[case]
     assert expected in r.stderr
-    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "run").exists()  # nothing written before the error
 
 
 def test_cli_help_lists_flags_with_defaults():

@@ -41,6 +41,13 @@ def test_filters_keep_exactly_the_intended_tokens():
     assert filter_logits(p, top_p=0.01).isfinite()[0].tolist() == [True, False, False, False]
 
 
+def test_sampling_options_that_leave_nothing_are_refused(small_cfg):
+    m = make(small_cfg)
+    for kw in (dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=0.0)):
+        with pytest.raises(UserError):
+            m.sample(1, **kw)
+
+
 def test_cached_and_uncached_greedy_sampling_agree(small_cfg):
     m = make(small_cfg)
     a = m.sample(3, top_k=1, use_cache=True)
