@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from config import TrainTransformerConfig, UserError, config_to_dict, parse_train_transformer
 from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
-from utils import (EpochSampler, MeanMeter, RunFolder, autocast, epoch_batches, image_datasets, is_main_process,
-                   load_checkpoint, log, lr_at, make_loader, resolve_device, resolve_precision, rng_state, run_cli,
-                   save_sample_grid, seed_everything, set_rng_state, warn)
+from data import EpochSampler, epoch_batches, image_datasets, make_loader
+from utils import (MeanMeter, RunFolder, autocast, is_main_process, load_checkpoint, log, lr_at, resolve_device,
+                   resolve_precision, rng_state, run_cli, save_sample_grid, seed_everything, set_rng_state, warn)
 from vqgan import VQGAN
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")

@@ -25,9 +25,9 @@ from codebook import codebook_usage
 from config import TrainVQGANConfig, UserError, config_to_dict, parse_train_vqgan
 from discriminator import D_LOSSES, NLayerDiscriminator, calculate_adaptive_weight, generator_loss
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
-from utils import (EpochSampler, MeanMeter, RunFolder, autocast, epoch_batches, image_datasets, is_main_process,
-                   load_checkpoint, log, lr_at, make_loader, psnr, resolve_device, resolve_precision, rng_state, run_cli,
-                   save_sample_grid, seed_everything, set_rng_state, warn)
+from data import EpochSampler, epoch_batches, image_datasets, make_loader
+from utils import (MeanMeter, RunFolder, autocast, is_main_process, load_checkpoint, log, lr_at, psnr, resolve_device,
+                   resolve_precision, rng_state, run_cli, save_sample_grid, seed_everything, set_rng_state, warn)
 from vqgan import VQGAN
 
 

@@ -1,6 +1,6 @@
-"""Everything around the models: image data (folders and the bundled demo photographs), the
-epoch-seeded sampler, checkpoint I/O, random-number state, device and precision, run folders and
-metrics, sample grids, PSNR, the learning-rate schedule, and the command-line error wrapper.
+"""Everything around the models except image data (data.py): processes and the command-line
+error wrapper, device and precision, random-number state, checkpoint I/O, the training-loop
+helpers, run folders and metrics, sample grids, PSNR and the learning-rate schedule.
 """
 from __future__ import annotations
 
@@ -11,14 +11,11 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import UserError
 
@@ -101,261 +98,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-# ----------------------------------------------------------------------------------- images
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
-PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # the only decoders we let open a file
-BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def to_rgb_array(img: Image.Image) -> np.ndarray:
-    """Any Pillow image -> (H, W, 3) uint8 RGB: EXIF orientation applied, transparency
-    composited on white, 16-bit and float greyscale scaled (not clipped) to 8 bits."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16") or img.mode == "I":
-        # 16-bit greyscale (PNG/TIFF); Pillow's convert("RGB") would clip everything above 255.
-        grey = np.asarray(img, dtype=np.float64) / 257.0
-        return np.repeat(np.clip(grey, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
-    if img.mode == "F":
-        grey = np.asarray(img, dtype=np.float64)
-        grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey
-        return np.repeat(np.clip(grey, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(img.convert("RGB"))  # L, 1, P, CMYK, YCbCr, RGB
-
-
-def load_image(path: str) -> np.ndarray:
-    with Image.open(path, formats=PIL_FORMATS) as img:
-        img.load()  # decodes fully here, so truncated files fail now
-        return to_rgb_array(img)
-
-
-def scan_images(root: str) -> list[str]:
-    """All files under root with an image extension, recursively, sorted. A missing folder or
-    one without image files is a UserError."""
-    if not os.path.isdir(root):
-        raise UserError(f"--dataset-path {root} is not a folder: give the folder that holds your images.")
-    paths = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not paths:
-        raise UserError(f"--dataset-path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
-                        "searched recursively: point it at the folder with your images.")
-    return paths
-
-
-def _header_problem(path: str) -> Optional[str]:
-    try:
-        with Image.open(path, formats=PIL_FORMATS) as img:
-            img.size  # header only: cheap; full decode errors are caught when loading
-        return None
-    except BAD_IMAGE_ERRORS as e:
-        return f"{type(e).__name__}: {e}"
-
-
-def check_images(paths: Sequence[str]) -> list[str]:
-    """Drop files whose header Pillow cannot read, with one warning naming each."""
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        problems = list(pool.map(_header_problem, paths))
-    good = []
-    for path, problem in zip(paths, problems):
-        if problem is None:
-            good.append(path)
-        else:
-            warn(f"skipping {path}: not a readable image ({problem})")
-    if not good:
-        raise UserError(f"none of the {len(paths)} image files could be read; check the files in the dataset folder.")
-    return good
-
-
-def build_transform(size: int, train: bool, flip: bool = False, resize: bool = True):
-    """Shortest side to `size` (unless resize=False), then a random (train) or center (val)
-    size x size crop, optional horizontal flip. Albumentations 2.x."""
-    # Albumentations checks for updates over the network on import unless told not to.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import albumentations as A
-
-    ops = [A.SmallestMaxSize(max_size=size, area_for_downscale="image")] if resize else []
-    ops.append(A.RandomCrop(size, size) if train else A.CenterCrop(size, size))
-    if train and flip:
-        ops.append(A.HorizontalFlip(p=0.5))
-    return A.Compose(ops)
-
-
-def sample_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
-class ImageDataset(Dataset):
-    """Images as (C, H, W) float tensors in [-1, 1].
-
-    Items are file paths or in-memory (H, W, 3) arrays; `length` may exceed the number of items
-    (the demo draws many random crops from a few photographs). Keys are (index, epoch) pairs from
-    EpochSampler: each sample's augmentation is seeded by (seed, epoch, index), so a run sees the
-    same pixels whatever the number of workers, different ones every epoch and in every worker,
-    and a resumed run continues exactly. A file that fails to decode is skipped with one warning
-    (per process) and the next item is used in its place.
-    """
-
-    def __init__(self, items: Sequence, transform, seed: int, length: Optional[int] = None, channels: int = 3,
-                 labels: Optional[Sequence[int]] = None):
-        self.items, self.transform, self.seed = list(items), transform, seed
-        self.length, self.channels = length or len(self.items), channels
-        self.labels = None if labels is None else list(labels)
-        self._warned: set = set()
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, key):
-        """(C, H, W) tensor, or (tensor, label) when the dataset has labels."""
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        n = len(self.items)
-        for attempt in range(min(n, 64)):
-            item = self.items[(index + attempt) % n]
-            try:
-                image = load_image(item) if isinstance(item, str) else item
-            except BAD_IMAGE_ERRORS as e:
-                if item not in self._warned:
-                    self._warned.add(item)
-                    warn(f"skipping {item}: cannot decode it ({type(e).__name__}: {e})")
-                continue
-            self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
-            x = to_tensor(self.transform(image=image)["image"], self.channels)
-            return x if self.labels is None else (x, self.labels[(index + attempt) % n])
-        raise UserError(f"{min(n, 64)} images in a row could not be decoded (from item {index}); check the dataset.")
-
-
-def to_tensor(image: np.ndarray, channels: int = 3) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (channels, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-    if channels == 1:  # ITU-R 601 luma
-        x = (0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3])
-    return x
-
-
-class EpochSampler(Sampler):
-    """Yields (index, epoch) keys in an order fixed by (seed, epoch), from position `start`, so
-    that a run resumed in the middle of an epoch continues with the same samples."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.n - self.start
-
-    def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        for i in order[self.start:].tolist():
-            yield (i, self.epoch)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32  # differs per worker (PyTorch adds the worker id)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, num_workers: int,
-                drop_last: bool, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_seed_worker,
-                      persistent_workers=num_workers > 0)
-
-
-# Colour photographs that ship inside scikit-image's wheel (no download).
-DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
-               "stereo_motorcycle")
-
-
-def demo_images(shortest_side: int, min_val_width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The demo photographs as RGB arrays, shortest side resized once, each cut into a training
-    part and a held-out strip on the right (a quarter of the width, at least `min_val_width`
-    columns) that is never trained on."""
-    import skimage.data
-
-    train, val = [], []
-    for name in DEMO_IMAGES:
-        image = getattr(skimage.data, name)()
-        image = image[0] if isinstance(image, tuple) else image  # stereo pair: the left view
-        pil = Image.fromarray(image).convert("RGB")
-        scale = shortest_side / min(pil.size)
-        pil = pil.resize((max(shortest_side, round(pil.width * scale)), max(shortest_side, round(pil.height * scale))),
-                         Image.Resampling.LANCZOS)
-        array = np.asarray(pil)
-        val_width = max(min_val_width, array.shape[1] // 4)
-        train.append(array[:, :-val_width])
-        val.append(array[:, -val_width:])
-    return train, val
-
-
-def split_files(paths: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """A seeded hold-out split: (train, val), each sorted."""
-    shuffled = list(paths)
-    random.Random(seed).shuffle(shuffled)
-    n_val = min(len(paths) - 1, max(1 if val_fraction > 0 else 0, round(len(paths) * val_fraction)))
-    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
-
-
-def class_names(paths: Sequence[str], root: str) -> list[str]:
-    """Sorted names of the first-level subfolders that hold the images (one class each)."""
-    names = set()
-    for path in paths:
-        parts = Path(path).relative_to(root).parts
-        if len(parts) < 2:
-            raise UserError(f"{path} lies directly in --dataset-path, but a class-conditional run needs every image "
-                            "inside a first-level subfolder named after its class (DIR/<class>/...).")
-        names.add(parts[0])
-    return sorted(names)
-
-
-def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: bool, val_fraction: float,
-                   seed: int, augment: bool = True, classes: Optional[list[str]] = None, demo_length: int = 2048
-                   ) -> tuple[ImageDataset, ImageDataset, str]:
-    """(train, val, description) for a folder of images or, without a path, the demo photos.
-    Training crops are random (augment) or central. With `classes` (a list, filled here from
-    the first-level subfolders when empty), items come with integer labels."""
-    if dataset_path is None:
-        if classes is not None:
-            raise UserError("a class-conditional run needs --dataset-path with one subfolder per class; "
-                            "the demo photographs have no classes.")
-        # Shortest side 4x the crop, so a crop shows a quarter of it; the right quarter (at least
-        # one crop wide) of every photo is held out for validation.
-        side = 4 * size
-        train_parts, val_parts = demo_images(side, min_val_width=size)
-        train = ImageDataset(train_parts, build_transform(size, augment, flip, resize=False), seed,
-                             length=demo_length, channels=channels)
-        # Validation: fixed random crops (epoch 0, fixed seed) of the held-out strips.
-        val = ImageDataset(val_parts, build_transform(size, True, resize=False), seed + 1, length=64,
-                           channels=channels)
-        return train, val, (f"demo: random {size}x{size} crops of {len(DEMO_IMAGES)} scikit-image photographs "
-                            f"(validation: crops of a held-out strip of each)")
-    paths = check_images(scan_images(dataset_path))
-    train_paths, val_paths = split_files(paths, val_fraction, seed)
-    label = lambda ps: None  # noqa: E731
-    if classes is not None:
-        found = class_names(paths, dataset_path)
-        if classes and classes != found:
-            raise UserError(f"the classes of {dataset_path} ({', '.join(found)}) differ from the checkpoint's "
-                            f"({', '.join(classes)}): use the same folder layout as the original run.")
-        classes[:] = found
-        index = {name: i for i, name in enumerate(found)}
-        label = lambda ps: [index[Path(p).relative_to(dataset_path).parts[0]] for p in ps]  # noqa: E731
-    train = ImageDataset(train_paths, build_transform(size, augment, flip and augment), seed, channels=channels,
-                         labels=label(train_paths))
-    val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels, labels=label(val_paths))
-    return train, val, f"{dataset_path}: {len(train_paths)} training and {len(val_paths)} validation images"
-
-
 # ------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(obj: dict, path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash at any
@@ -389,20 +131,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 # ---------------------------------------------------------------------------- training loop
-def epoch_batches(step: int, total_steps: int, batch_size: int, sampler: EpochSampler, loader: DataLoader):
-    """Yield (epoch, batch) from optimizer step `step` on until `total_steps`, setting the
-    sampler so that a resumed run continues at the same place of the same epoch order."""
-    steps_per_epoch = sampler.n // batch_size
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, offset * batch_size)
-        for batch in loader:
-            yield epoch, batch
-            step += 1
-            if step >= total_steps:
-                return
-
-
 class MeanMeter:
     """Averages 0-dim tensors over a log interval (one host sync per interval) and times it."""
 

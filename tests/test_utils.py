@@ -1,132 +1,12 @@
-"""Data pipeline, image conversion, sampler, checkpoints, metrics helpers."""
-import io
+"""utils.py: atomic checkpoints, random states, the run folder, PSNR, the learning-rate schedule."""
 import os
+import random
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from config import UserError
-from conftest import write_images
-from utils import (EpochSampler, ImageDataset, RunFolder, build_transform, check_images, load_checkpoint,
-                   load_image, lr_at, psnr, rng_state, save_checkpoint, scan_images, set_rng_state,
-                   split_files, to_rgb_array)
-
-
-def roundtrip(img: Image.Image, fmt: str, **kw) -> np.ndarray:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    buf.seek(0)
-    return to_rgb_array(Image.open(buf))
-
-
-def test_grayscale_palette_cmyk():
-    grey = Image.fromarray(np.full((4, 5), 77, np.uint8), "L")
-    out = roundtrip(grey, "PNG")
-    assert out.shape == (4, 5, 3) and (out == 77).all()
-    pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
-    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
-    out = roundtrip(pal, "PNG")
-    assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[0, 1]) == (0, 0, 255)
-    cmyk = Image.new("CMYK", (3, 3), (0, 255, 255, 0))  # pure red in CMYK
-    out = roundtrip(cmyk, "JPEG", quality=100)
-    assert out.shape == (3, 3, 3) and out[..., 0].min() > 200 and out[..., 1:].max() < 60
-
-
-def test_transparency_is_composited_on_white():
-    rgba = np.zeros((2, 2, 4), np.uint8)
-    rgba[0, 0] = (0, 0, 0, 0)  # transparent black -> white
-    rgba[0, 1] = (0, 0, 0, 255)  # opaque black stays black
-    rgba[1, :] = (255, 0, 0, 128)  # half red over white
-    out = roundtrip(Image.fromarray(rgba, "RGBA"), "PNG")
-    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (0, 0, 0)
-    assert out[1, 0, 0] == 255 and 120 <= out[1, 0, 1] <= 135
-    pal = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
-    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
-    pal.info["transparency"] = 0
-    out = roundtrip(pal, "PNG", transparency=0)
-    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (0, 255, 0)
-
-
-def test_sixteen_bit_greyscale_is_scaled_not_clipped():
-    arr = np.array([[0, 257 * 128, 65535]], np.uint16)
-    out = roundtrip(Image.fromarray(arr), "PNG")
-    assert out[0, :, 0].tolist() == [0, 128, 255]
-
-
-def test_exif_orientation_is_applied():
-    arr = np.zeros((2, 4, 3), np.uint8)
-    arr[0, 0] = 255  # top-left pixel white in the stored (2 x 4) image
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    out = roundtrip(Image.fromarray(arr), "PNG", exif=exif.tobytes())
-    assert out.shape == (4, 2, 3)
-    assert out[0, 1].min() > 200  # the stored top-left is now top-right
-
-
-def test_scan_is_recursive_sorted_and_filtered(tmp_path):
-    paths = write_images(tmp_path, n=4)
-    (tmp_path / "notes.txt").write_text("not an image")
-    assert scan_images(str(tmp_path)) == sorted(paths)
-    with pytest.raises(UserError, match="is not a folder"):
-        scan_images(str(tmp_path / "missing"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="holds no image files"):
-        scan_images(str(tmp_path / "empty"))
-
-
-def test_unreadable_files_are_skipped_with_a_warning(tmp_path, capsys):
-    paths = write_images(tmp_path, n=2)
-    fake = tmp_path / "fake.jpg"
-    fake.write_text("this is not a jpeg")
-    empty = tmp_path / "zero.png"
-    empty.write_bytes(b"")
-    good = check_images(sorted(paths + [str(fake), str(empty)]))
-    assert good == sorted(paths)
-    err = capsys.readouterr().err
-    assert str(fake) in err and str(empty) in err
-    # a truncated file passes the header check and is skipped when decoded
-    data = open(paths[1], "rb").read()
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(OSError):
-        load_image(str(truncated))
-    ds = ImageDataset([str(truncated), paths[1]], build_transform(16, train=True), seed=0)
-    x = ds[(0, 0)]
-    assert x.shape == (3, 16, 16)
-    assert str(truncated) in capsys.readouterr().err
-
-
-def test_dataset_is_seeded_per_sample_and_epoch(tmp_path):
-    paths = write_images(tmp_path, n=2, size=(64, 80))
-    ds = ImageDataset(paths, build_transform(32, train=True, flip=True), seed=3)
-    a, b = ds[(0, 0)], ds[(0, 0)]
-    assert torch.equal(a, b)
-    assert not torch.equal(a, ds[(0, 1)])  # another epoch, another crop
-    assert a.shape == (3, 32, 32) and -1 <= a.min() and a.max() <= 1
-    grey = ImageDataset(paths, build_transform(32, train=False), seed=3, channels=1)
-    assert grey[(1, 0)].shape == (1, 32, 32)
-
-
-def test_sampler_order_depends_on_epoch_and_resumes():
-    s = EpochSampler(10, seed=1)
-    first = list(s)
-    assert sorted(i for i, _ in first) == list(range(10)) and all(e == 0 for _, e in first)
-    s.set_epoch(1)
-    assert [i for i, _ in s] != [i for i, _ in first]
-    s.set_epoch(0, start=4)
-    assert list(s) == first[4:] and len(s) == 6
-    assert [i for i, _ in EpochSampler(5, 0, shuffle=False)] == list(range(5))
-
-
-def test_split_is_disjoint_and_seeded():
-    paths = [f"p{i}" for i in range(20)]
-    train, val = split_files(paths, 0.1, seed=0)
-    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(paths)
-    assert split_files(paths, 0.1, seed=0) == (train, val)
-    small_train, small_val = split_files(["a", "b"], 0.05, 0)  # at least one image each
-    assert len(small_train) == 1 and len(small_val) == 1
+from utils import RunFolder, load_checkpoint, lr_at, psnr, rng_state, save_checkpoint, set_rng_state
 
 
 def test_checkpoint_is_atomic_and_weights_only(tmp_path):
@@ -138,11 +18,11 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path):
     assert loaded["step"] == 7 and torch.equal(loaded["w"], obj["w"])
     torch.manual_seed(5)
     state = rng_state()
-    expected = (torch.rand(3), np.random.rand(), __import__("random").random())
+    expected = (torch.rand(3), np.random.rand(), random.random())
     torch.manual_seed(99)
     set_rng_state(load_checkpoint_roundtrip(tmp_path, state))
     assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
-    assert __import__("random").random() == expected[2]
+    assert random.random() == expected[2]
 
 
 def load_checkpoint_roundtrip(tmp_path, state):
