@@ -143,11 +143,7 @@ def checkpoint_dict(s: Stage2, step: int) -> dict:
 
 def main(cfg: TrainTransformerConfig) -> dict:
     device = resolve_device(cfg.device)
-    last = RunFolder.last_checkpoint(cfg.output_dir)
-    resume_path = str(last) if cfg.resume == "latest" else cfg.resume
-    if resume_path is None and last.exists():
-        raise UserError(f"{last} already exists: continue that run with --resume latest, or start a new one "
-                        "with another --output-dir.")
+    resume_path = RunFolder.resume_path(cfg.output_dir, cfg.resume)
     resumed = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
     if resumed is not None and resumed.get("kind") != "transformer":
         raise UserError(f"{resume_path} is not a stage-2 checkpoint: --resume takes one written by "

@@ -203,11 +203,7 @@ def evaluate_psnr(s: Stage1, loader, max_batches: int = 0) -> Optional[float]:
 
 def main(cfg: TrainVQGANConfig) -> dict:
     device = resolve_device(cfg.device)
-    last = RunFolder.last_checkpoint(cfg.output_dir)
-    resume_path = str(last) if cfg.resume == "latest" else cfg.resume
-    if resume_path is None and last.exists():
-        raise UserError(f"{last} already exists: continue that run with --resume latest, or start a new one "
-                        "with another --output-dir.")
+    resume_path = RunFolder.resume_path(cfg.output_dir, cfg.resume)
     resumed = load_resume(resume_path, cfg) if resume_path else None
     seed_everything(cfg.seed)
 

@@ -180,6 +180,16 @@ class RunFolder:
     def last_checkpoint(root) -> Path:
         return Path(root) / "checkpoints" / "last.pt"
 
+    @classmethod
+    def resume_path(cls, root, resume: Optional[str]) -> Optional[str]:
+        """The checkpoint to resume from ('latest': the folder's last.pt). A new run may not
+        overwrite a folder that already holds a checkpoint."""
+        last = cls.last_checkpoint(root)
+        if resume is None and last.exists():
+            raise UserError(f"{last} already exists: continue that run with --resume latest, or start a new one "
+                            "with another --output-dir.")
+        return str(last) if resume == "latest" else resume
+
     @property
     def last(self) -> Path:
         return self.last_checkpoint(self.root)
