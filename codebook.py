@@ -49,6 +49,39 @@ class VectorQuantizer(nn.Module):
         return self.embedding(indices).permute(0, 3, 1, 2)
 
 
+class GumbelQuantizer(nn.Module):
+    """Gumbel-softmax quantization (Jang et al. 2017), as in the reference's Gumbel f8 VQGAN:
+    `proj` maps z to logits over the codes, `embed` holds the code vectors. Training uses a
+    straight-through hard Gumbel-softmax sample and a KL term towards the uniform prior; in eval
+    mode the code is the argmax of the logits (deterministic; the reference draws Gumbel noise
+    even in eval mode)."""
+
+    def __init__(self, *, num_hiddens: int, embed_dim: int, n_embed: int, kl_weight: float = 5e-4,
+                 temperature: float = 1.0):
+        super().__init__()
+        self.n_embed, self.kl_weight, self.temperature = n_embed, kl_weight, temperature
+        self.proj = nn.Conv2d(num_hiddens, n_embed, 1)
+        self.embed = nn.Embedding(n_embed, embed_dim)
+
+    def forward(self, z: torch.Tensor):
+        """z (B, num_hiddens, H, W) -> z_q (B, embed_dim, H, W), q_loss, indices (B, H, W)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            logits = self.proj(z.float())  # (B, n_embed, H, W)
+            if self.training:
+                one_hot = F.gumbel_softmax(logits, tau=self.temperature, dim=1, hard=True)
+                indices = one_hot.argmax(dim=1)
+                z_q = torch.einsum("bnhw,nd->bdhw", one_hot, self.embed.weight.float())
+            else:
+                indices = logits.argmax(dim=1)
+                z_q = self.lookup(indices).float()
+            q = logits.softmax(dim=1)
+            q_loss = self.kl_weight * (q * torch.log(q * self.n_embed + 1e-10)).sum(dim=1).mean()
+        return z_q, q_loss, indices
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.embed(indices).permute(0, 3, 1, 2)
+
+
 @torch.no_grad()
 def codebook_usage(indices: torch.Tensor, n_embed: int):
     """Fraction of the n_embed codes that occur in `indices`, and the perplexity exp(H(p)) of

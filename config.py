@@ -46,6 +46,7 @@ class VQGANConfig:
     n_embed: int = _f(1024, "number of codebook vectors", "--num-codebook-vectors")
     beta: float = _f(0.25, "commitment weight of the codebook loss")
     legacy_beta: bool = _f(False, "put beta on the codebook term as the reference does (default: on the commitment term, as in the VQ-VAE paper)")
+    quantizer: str = _f("vq", "vq: nearest code (VQ-VAE); gumbel: Gumbel-softmax (the reference's Gumbel f8 model)", choices=("vq", "gumbel"))
 
     def __post_init__(self):
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
@@ -54,6 +55,9 @@ class VQGANConfig:
                             "multiplier per level, e.g. --ch-mult 1 2 4.")
         _require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
                             embed_dim=1, n_embed=1, beta=0.0, dropout=0.0))
+        if self.quantizer == "gumbel" and self.z_channels != self.embed_dim:
+            raise UserError("the Gumbel quantizer reads quant_conv's output with z_channels inputs, as in the "
+                            "reference: make --z-channels equal to --embed-dim.")
         if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
             raise UserError(f"ch={self.ch} with ch_mult={list(self.ch_mult)} gives a width that is not a "
                             "multiple of 32, which GroupNorm(32) needs: choose --ch as a multiple of 32.")
@@ -94,7 +98,7 @@ class TrainVQGANConfig:
     rec_loss_factor: float = _f(1.0, "weight of the L1 reconstruction loss")
     perceptual_loss_factor: float = _f(1.0, "weight of the LPIPS perceptual loss (0 disables LPIPS and its VGG16)")
     codebook_weight: float = _f(1.0, "weight of the codebook loss")
-    vgg_weights: Optional[str] = _f(None, "VGG16 weights file for LPIPS (torchvision's vgg16 state dict); default: torchvision's ImageNet weights, downloaded once")
+    vgg_weights: Optional[str] = _f(None, "VGG16 weights for LPIPS: torchvision's vgg16 file, or a taming-transformers VQGAN .ckpt (VGG16 and linear layers); default: torchvision's ImageNet weights, downloaded once")
     flip: bool = _f(True, "random horizontal flips of training images")
     val_fraction: float = _f(0.05, "fraction of the images held out for validation")
     num_workers: int = _f(2, "data-loading worker processes")
@@ -154,7 +158,8 @@ class GPTConfig:
 class TrainTransformerConfig:
     """A stage-2 training run (training_transformer.py)."""
     dataset_path: Optional[str] = _f(None, "folder of training images (first-level subfolders are the classes with --conditional); omit for the demo photographs")
-    vqgan_checkpoint: Optional[str] = _f(None, "stage-1 checkpoint (default: runs/vqgan/checkpoints/last.pt, the demo's)", "--checkpoint-path")
+    vqgan_checkpoint: Optional[str] = _f(None, "stage-1 checkpoint, ours or a taming-transformers VQGAN .ckpt (default: runs/vqgan/checkpoints/last.pt, the demo's)", "--checkpoint-path")
+    vqgan_config: Optional[str] = _f(None, "YAML config of a taming-transformers --vqgan-checkpoint (default: infer the architecture from its weights)")
     output_dir: str = _f("runs/transformer", "run folder: config.json, checkpoints/, samples/, metrics.jsonl")
     preset: Optional[str] = _f(None, "named GPT size to start from (see GPT_PRESETS in config.py)")
     conditional: bool = _f(False, "class-conditional: one class per first-level subfolder of --dataset-path")

@@ -9,6 +9,8 @@ Weights come from two places, never downloaded during import:
   the distribution's metadata because this file shadows the package's import name);
 - VGG16: torchvision's ImageNet weights (downloaded once into torch's hub cache) or a file given
   with --vgg-weights.
+A taming-transformers VQGAN checkpoint given as --vgg-weights supplies both (its
+`loss.perceptual_loss.*` entries).
 """
 from __future__ import annotations
 
@@ -143,12 +145,16 @@ def _vgg_unavailable(reason: str) -> VGGWeightsUnavailable:
         "term with --perceptual-loss-factor 0.")
 
 
-def _vgg_state_to_lpips(state: dict) -> dict:
-    """Accept torchvision's vgg16 state dict (features.N.*) or one already in LPIPS layout
-    (net.sliceK.N.*); return {net.sliceK.N.*: tensor}."""
+def _lpips_state_from(state: dict) -> dict:
+    """Accept torchvision's vgg16 state dict (features.N.*), one in LPIPS layout (net.sliceK.N.*,
+    lin*), or a taming-transformers checkpoint's state dict (loss.perceptual_loss.*); return the
+    LPIPS-layout entries it has (VGG16 slices, and the linear layers when present)."""
+    prefix = "loss.perceptual_loss."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     out = {}
     for key, value in state.items():
-        if key.startswith("net.slice"):
+        if key.startswith(("net.slice", "lin")):
             out[key] = value
         elif key.startswith("features."):
             idx = int(key.split(".")[1])
@@ -159,20 +165,22 @@ def _vgg_state_to_lpips(state: dict) -> dict:
 
 
 def load_vgg_state(vgg_weights: Optional[str] = None, allow_download: bool = True) -> dict:
-    """VGG16 features as {net.sliceK.N.*: tensor}, from `vgg_weights` or torchvision's cache
-    (downloading it once when allowed). Raises VGGWeightsUnavailable with the ways out."""
-    from utils import load_checkpoint  # restricted, weights-only loading of files we did not write
+    """VGG16 features as {net.sliceK.N.*: tensor} (plus lin*.* when the file has them, as a
+    reference VQGAN checkpoint does), from `vgg_weights` or torchvision's cache (downloading it
+    once when allowed). Raises VGGWeightsUnavailable with the ways out."""
+    from utils import load_checkpoint  # weights-only, or the restricted loader for files we did not write
 
     if vgg_weights is not None:
         if not os.path.isfile(vgg_weights):
             raise _vgg_unavailable(f"--vgg-weights {vgg_weights} is not a file")
-        state = _vgg_state_to_lpips(load_checkpoint(vgg_weights, map_location="cpu"))
-        if not state:
-            raise _vgg_unavailable(f"{vgg_weights} holds no VGG16 `features.*` tensors")
+        ckpt = load_checkpoint(vgg_weights, map_location="cpu")
+        state = _lpips_state_from(ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt)
+        if not any(k.startswith("net.") for k in state):
+            raise _vgg_unavailable(f"{vgg_weights} holds no VGG16 weights (features.* or loss.perceptual_loss.net.*)")
         return state
     cached = vgg_cache_path()
     if cached.is_file():
-        return _vgg_state_to_lpips(load_checkpoint(str(cached), map_location="cpu"))
+        return _lpips_state_from(load_checkpoint(str(cached), map_location="cpu"))
     if not allow_download:
         raise _vgg_unavailable(f"not in the cache at {cached}")
     old_timeout = socket.getdefaulttimeout()
@@ -184,7 +192,7 @@ def load_vgg_state(vgg_weights: Optional[str] = None, allow_download: bool = Tru
         raise _vgg_unavailable(f"download failed: {type(e).__name__}: {e}") from None
     finally:
         socket.setdefaulttimeout(old_timeout)
-    return _vgg_state_to_lpips(state)
+    return _lpips_state_from(state)
 
 
 def load_lpips(vgg_weights: Optional[str] = None, allow_download: bool = True) -> LPIPS:
@@ -192,9 +200,11 @@ def load_lpips(vgg_weights: Optional[str] = None, allow_download: bool = True) -
     from utils import load_checkpoint
 
     model = LPIPS()
-    state = {**load_vgg_state(vgg_weights, allow_download),
-             **load_checkpoint(str(lin_weights_path()), map_location="cpu"),
-             "scaling_layer.shift": model.scaling_layer.shift, "scaling_layer.scale": model.scaling_layer.scale}
+    state = load_vgg_state(vgg_weights, allow_download)
+    if not any(k.startswith("lin") for k in state):  # a reference checkpoint brings its own
+        state.update(load_checkpoint(str(lin_weights_path()), map_location="cpu"))
+    state = {"scaling_layer.shift": model.scaling_layer.shift, "scaling_layer.scale": model.scaling_layer.scale,
+             **state}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

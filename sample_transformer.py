@@ -23,7 +23,8 @@ from utils import log, resolve_device, run_cli
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Sample images from a trained VQGAN transformer.")
-    p.add_argument("--checkpoint", required=True, help="stage-2 checkpoint (training_transformer.py)")
+    p.add_argument("--checkpoint", required=True, help="stage-2 checkpoint (training_transformer.py) or a taming-transformers transformer .ckpt")
+    p.add_argument("--config", default=None, help="YAML config of a taming-transformers checkpoint (default: inferred)")
     p.add_argument("--num-samples", type=int, default=16, help="number of images (default: 16)")
     p.add_argument("--class-label", default=None, help="class name or index for conditional models (default: none)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
@@ -54,7 +55,7 @@ def resolve_label(model: VQGANTransformer, label: Optional[str]) -> Optional[int
 
 def main(args: argparse.Namespace) -> list[str]:
     device = resolve_device(args.device)
-    model = VQGANTransformer.from_checkpoint(args.checkpoint, map_location=device).to(device)
+    model = VQGANTransformer.from_checkpoint(args.checkpoint, config=args.config, map_location=device).to(device)
     label = resolve_label(model, args.class_label)
     # Check everything before writing anything.
     model.labels_tensor(label, 1, device)

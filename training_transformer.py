@@ -156,7 +156,7 @@ def main(cfg: TrainTransformerConfig) -> dict:
         raise UserError(f"no stage-1 checkpoint at {vq_path}: run `python training_vqgan.py` first, "
                         "or pass --vqgan-checkpoint PATH.")
     else:
-        vqgan = VQGAN.from_checkpoint(vq_path, map_location=device)
+        vqgan = VQGAN.from_checkpoint(vq_path, config=cfg.vqgan_config, map_location=device)
     if cfg.sos_token is not None:
         warn(f"--sos-token {cfg.sos_token} is ignored: the start token has its own id after the codes and "
              "classes, so it never collides with code ids.")

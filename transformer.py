@@ -9,6 +9,9 @@ Token ids (vocab_size = n_codes + n_classes + 1):
     n_codes + n_classes               start token; in conditional models also "no class"
 Special ids never share an id with a code and are never sampled. A sequence is
 [first token, code_0, ..., code_{N-2}] and the GPT predicts code_0 ... code_{N-1}.
+
+`taming_layout=True` reproduces the reference's released transformers instead: vocab_size =
+n_codes, the start token is `sos_token` (0, shared with code 0) and class k is token k.
 """
 from __future__ import annotations
 
@@ -60,17 +63,21 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 
 
 class VQGANTransformer(nn.Module):
-    def __init__(self, vqgan: VQGAN, gpt_config: GPTConfig, classes: Sequence[str] = ()):
+    def __init__(self, vqgan: VQGAN, gpt_config: GPTConfig, classes: Sequence[str] = (), taming_layout: bool = False,
+                 sos_token: int = 0):
         super().__init__()
         expected = gpt_shape(vqgan.config, len(classes))
-        if (gpt_config.vocab_size, gpt_config.block_size) != (expected["vocab_size"], expected["block_size"]):
+        vocab = vqgan.config.n_embed if taming_layout else expected["vocab_size"]
+        if gpt_config.vocab_size != vocab or gpt_config.block_size < expected["block_size"]:
             raise ValueError(f"GPT vocab_size/block_size {gpt_config.vocab_size}/{gpt_config.block_size} do not fit "
-                             f"this VQGAN and {len(classes)} classes (expected {expected})")
+                             f"this VQGAN and {len(classes)} classes (expected {vocab}/{expected['block_size']})")
         self.vqgan = vqgan.eval().requires_grad_(False)
         self.gpt = GPT(gpt_config)
         self.classes = list(classes)
         self.n_codes = vqgan.config.n_embed
-        self.start_token = self.n_codes + len(self.classes)
+        self.taming_layout = taming_layout
+        self.class_offset = 0 if taming_layout else self.n_codes
+        self.start_token = sos_token if taming_layout else self.n_codes + len(self.classes)
         self.latent_shape = (vqgan.config.latent_size, vqgan.config.latent_size)
 
     @property
@@ -117,8 +124,11 @@ class VQGANTransformer(nn.Module):
         start = torch.full((batch_size, 1), self.start_token, dtype=torch.long, device=device)
         if labels is None:
             return start
-        tokens = (self.n_codes + labels).view(-1, 1)
+        tokens = (self.class_offset + labels).view(-1, 1)
         if class_dropout > 0:
+            if self.taming_layout:
+                raise UserError("the reference's token layout has no 'no class' token: class dropout needs a model "
+                                "trained here.")
             tokens = torch.where(torch.rand(batch_size, 1, device=device) < class_dropout, start, tokens)
         return tokens
 
@@ -161,6 +171,9 @@ class VQGANTransformer(nn.Module):
         device = self.gpt.head.weight.device
         labels = self.labels_tensor(class_labels, num_samples, device)
         guided = labels is not None and cfg_scale != 1.0
+        if guided and self.taming_layout:
+            raise UserError("classifier-free guidance needs a 'no class' token, which the reference's transformers "
+                            "do not have: use cfg_scale=1.")
         first = self.first_tokens(labels, num_samples, device)
         if guided:  # second half of the batch: the same samples without their class
             first = torch.cat([first, self.first_tokens(None, num_samples, device)])
@@ -214,11 +227,24 @@ class VQGANTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_checkpoint(cls, path, map_location=None) -> "VQGANTransformer":
-        """Load a stage-2 checkpoint written by training_transformer.py (it carries its VQGAN)."""
+    def from_checkpoint(cls, path, config: Optional[str] = None, map_location=None) -> "VQGANTransformer":
+        """Load a stage-2 checkpoint written by training_transformer.py (it carries its VQGAN),
+        or a taming-transformers transformer `.ckpt` (YAML `config`, or shapes of the releases)
+        in the reference's token layout."""
+        from official import load_strict, reference_state, sub_state, transformer_configs
         from utils import load_checkpoint
 
         ckpt = load_checkpoint(path, map_location=map_location or "cpu")
+        reference = reference_state(ckpt)
+        if reference is not None:
+            vq_cfg, gpt_cfg, cond = transformer_configs(reference, config)
+            vqgan = VQGAN(vq_cfg)
+            load_strict(vqgan, sub_state(reference, "first_stage_model."), f"{path} (first_stage_model)")
+            classes = [str(k) for k in range(cond["n_classes"])] if "n_classes" in cond else []
+            model = cls(vqgan, gpt_cfg, classes, taming_layout=True, sos_token=cond.get("sos_token", 0))
+            gpt_state = {k: v for k, v in sub_state(reference, "transformer.").items() if not k.endswith(".attn.mask")}
+            load_strict(model.gpt, gpt_state, f"{path} (transformer)")
+            return model.eval()
         if ckpt.get("kind") != "transformer":
             raise UserError(f"{path} is not a stage-2 (transformer) checkpoint (kind '{ckpt.get('kind')}'): "
                             "give a checkpoint written by training_transformer.py.")

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -115,16 +116,84 @@ def save_checkpoint(obj: dict, path) -> None:
             tmp.unlink()
 
 
+class Placeholder:
+    """Stands in for a global that a checkpoint names but that is not a tensor rebuilder or a
+    plain container (a Lightning callback class, os.system, ...). It is never imported: calling
+    it builds another placeholder, and state given to it is kept as inert data."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        return type(self)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {type(self).__qualname__}>"
+
+
+def _allowed_globals() -> dict:
+    """What a restricted load may really resolve: tensor and storage rebuilding, dtypes, plain
+    containers. Everything else becomes a Placeholder."""
+    import collections
+    import torch._utils
+
+    allowed = {("collections", "OrderedDict"): collections.OrderedDict,
+               ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
+               ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+               ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+               ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+               ("torch.storage", "UntypedStorage"): torch.UntypedStorage}
+    for name in dir(torch):
+        obj = getattr(torch, name, None)
+        if isinstance(obj, torch.dtype) or (name.endswith("Storage") and isinstance(obj, type)):
+            allowed[("torch", name)] = obj
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        found = _allowed_globals().get((module, name))
+        if found is not None:
+            return found
+        return type(f"{module}.{name}", (Placeholder,), {})  # a new inert class, nothing imported
+
+
+class _RestrictedPickleModule:
+    """The `pickle_module` torch.load is given for files it cannot load weights-only."""
+    Unpickler = _RestrictedUnpickler
+    __name__ = "restricted_pickle"
+
+    @staticmethod
+    def load(file, **kwargs):
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def load_untrusted(path, map_location="cpu"):
+    """Load a pickled checkpoint that references classes we do not have (Lightning's), without
+    importing or calling any of them: tensors and plain containers are rebuilt, every other
+    global becomes an inert Placeholder."""
+    return torch.load(path, map_location=map_location, pickle_module=_RestrictedPickleModule, weights_only=False)
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Weights-only loading: tensors and plain Python values, never code from the file."""
+    """The one way this project reads a checkpoint, whoever wrote it: weights-only loading, and
+    for files that reference other classes (the reference's Lightning checkpoints) the restricted
+    loader above. Neither ever runs code from the file."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check the path.")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # names globals weights-only loading refuses
+        try:
+            obj = load_untrusted(path, map_location)
+        except Exception as e:
+            raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}).") from None
     except Exception as e:
-        raise UserError(f"{path} cannot be loaded as a weights-only checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}). Is it a checkpoint written by this "
-                        "project or a plain state dict?") from None
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}).") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict.")
     return obj

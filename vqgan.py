@@ -11,10 +11,13 @@ load by name. Usage from a notebook:
 """
 from __future__ import annotations
 
+import argparse
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
-from codebook import VectorQuantizer
+from codebook import GumbelQuantizer, VectorQuantizer
 from config import UserError, VQGANConfig, config_to_dict, model_config_from_dict
 from decoder import Decoder
 from encoder import Encoder
@@ -29,8 +32,12 @@ class VQGAN(nn.Module):
                     z_channels=config.z_channels, dropout=config.dropout)
         self.encoder = Encoder(in_channels=config.in_channels, **arch)
         self.decoder = Decoder(out_channels=config.out_channels, **arch)
-        self.quantize = VectorQuantizer(n_embed=config.n_embed, embed_dim=config.embed_dim,
-                                        beta=config.beta, legacy=config.legacy_beta)
+        if config.quantizer == "gumbel":  # the reference feeds it quant_conv's output, sized z_channels
+            self.quantize = GumbelQuantizer(num_hiddens=config.z_channels, embed_dim=config.embed_dim,
+                                            n_embed=config.n_embed)
+        else:
+            self.quantize = VectorQuantizer(n_embed=config.n_embed, embed_dim=config.embed_dim,
+                                            beta=config.beta, legacy=config.legacy_beta)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
@@ -68,16 +75,58 @@ class VQGAN(nn.Module):
         return config_to_dict(self.config)
 
     @classmethod
-    def from_checkpoint(cls, path, map_location=None) -> "VQGAN":
-        """Load a checkpoint written by this project (a training checkpoint or weights-only
-        file with 'model' and 'model_config'). Returns the model in eval mode."""
-        from utils import load_checkpoint  # utils imports torchvision and friends: load lazily
+    def from_checkpoint(cls, path, config: Optional[str] = None, map_location=None) -> "VQGAN":
+        """Load a checkpoint written by this project (training checkpoint or weights-only file
+        with 'model' and 'model_config'), or a taming-transformers `.ckpt` (architecture from
+        its YAML `config`, else inferred from the weights). Returns the model in eval mode."""
+        from official import infer_vqgan_config, load_strict, reference_state, vqgan_config_from_yaml
+        from utils import load_checkpoint  # utils and official read files: import them lazily
 
         ckpt = load_checkpoint(path, map_location=map_location or "cpu")
+        reference = reference_state(ckpt)
+        if reference is not None:
+            state = {k: v for k, v in reference.items() if not k.startswith("loss.")}
+            if any(k.startswith(("transformer.", "first_stage_model.")) for k in state):
+                raise UserError(f"{path} is a taming-transformers transformer checkpoint, not a VQGAN: load it with "
+                                "VQGANTransformer.from_checkpoint, or give the VQGAN checkpoint.")
+            model = cls(vqgan_config_from_yaml(config) if config else infer_vqgan_config(state))
+            load_strict(model, state, str(path))
+            return model.eval()
         kind = ckpt.get("kind", "vqgan")
         if kind != "vqgan" or "model" not in ckpt or "model_config" not in ckpt:
             raise UserError(f"{path} is not a VQGAN checkpoint (kind '{kind}'): give the stage-1 "
                             "checkpoint, e.g. runs/vqgan/checkpoints/last.pt.")
         model = cls(model_config_from_dict(VQGANConfig, ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"], strict=True)
+        load_strict(model, ckpt["model"], str(path))
         return model.eval()
+
+
+def convert(taming_ckpt: str, out: str, config: Optional[str] = None) -> VQGANConfig:
+    """Write a taming-transformers VQGAN as this project's weights-only file (model + config)."""
+    from utils import log, save_checkpoint
+
+    model = VQGAN.from_checkpoint(taming_ckpt, config=config)
+    try:
+        save_checkpoint({"kind": "vqgan", "format_version": 1, "model": model.state_dict(),
+                         "model_config": model.config_dict()}, out)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}): choose a writable --out path.") from None
+    log(f"wrote {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{model.config.n_embed} codes, f{model.config.downsample_factor}")
+    return model.config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="VQGAN tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="write a taming-transformers .ckpt as a weights-only checkpoint")
+    conv.add_argument("--taming-ckpt", required=True, help="the reference's checkpoint (.ckpt)")
+    conv.add_argument("--config", default=None, help="its YAML config (default: infer the architecture from the weights)")
+    conv.add_argument("--out", required=True, help="output file, loadable with VQGAN.from_checkpoint and weights_only=True")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    from utils import run_cli
+
+    run_cli(lambda args: convert(args.taming_ckpt, args.out, args.config), parse_args)
