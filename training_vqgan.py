@@ -235,9 +235,9 @@ def main(cfg: TrainVQGANConfig) -> dict:
         f"{str(s.amp_dtype).replace('torch.', '') if s.amp_dtype else 'fp32'}; run folder {cfg.output_dir}")
     log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {cfg.batch_size}); "
         f"discriminator from step {cfg.disc_start}" + (f"; resumed at step {step}" if step else ""))
-    psnr_before = evaluate_psnr(s, val_loader, cfg.val_batches)
+    psnr_before = psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
     if psnr_before is not None:
-        log(f"validation PSNR before training: {psnr_before:.2f} dB")
+        log(f"validation PSNR {'before training' if step == 0 else f'at step {step}'}: {psnr_before:.2f} dB")
 
     s.model.train()
     s.disc.train()
@@ -259,15 +259,14 @@ def main(cfg: TrainVQGANConfig) -> dict:
                 rec = s.model(fixed)[0]
                 s.model.train()
             save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
-            val = evaluate_psnr(s, val_loader, cfg.val_batches)
-            if val is not None:
-                run.log_metrics(step, {"val_psnr": val})
+            psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
+            if psnr_after is not None:
+                run.log_metrics(step, {"val_psnr": psnr_after})
         if step % cfg.save_every == 0 or step == total_steps:
             run.save(checkpoint_dict(s, step), step)
     bar.close()
 
-    psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
-    if psnr_after is not None:
+    if psnr_after is not None:  # measured at the last step
         log(f"validation PSNR after {step} steps: {psnr_after:.2f} dB (before: {psnr_before:.2f} dB)")
     log(f"checkpoint: {run.last}; samples: {run.sample_dir}")
     run.close()

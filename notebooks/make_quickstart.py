@@ -82,7 +82,8 @@ def run_cell(src, ns):
         if isinstance(value, Image.Image):
             buf = io.BytesIO()
             value.convert("RGB").save(buf, format="JPEG", quality=92)
-            data = {"image/jpeg": base64.b64encode(buf.getvalue()).decode(), "text/plain": [repr(value)]}
+            text = f"<PIL.Image.Image image mode={value.mode} size={value.width}x{value.height}>"
+            data = {"image/jpeg": base64.b64encode(buf.getvalue()).decode(), "text/plain": [text]}
         else:
             data = {"text/plain": [repr(value)]}
         outputs.append({"output_type": "execute_result", "data": data, "metadata": {}, "execution_count": None})
