@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -77,14 +78,38 @@ class VQGANConfig:
 
 
 @dataclass
-class TrainVQGANConfig:
+class RunConfig:
+    """What every training run has besides its own fields: length, data loading, seeding,
+    logging, checkpoints, precision and device. The flags list a run's own fields first."""
+    epochs: int = _f(100, "upper bound on passes over the data")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (default: only --epochs bounds the run)")
+    val_fraction: float = _f(0.05, "fraction of the images held out for validation")
+    num_workers: int = _f(2, "data-loading worker processes")
+    seed: int = _f(0, "random seed of weights, data order and augmentation")
+    log_every: int = _f(50, "steps between metrics.jsonl lines")
+    sample_every: int = _f(1000, "steps between sample grids and validation")
+    save_every: int = _f(1000, "steps between checkpoints")
+    keep_checkpoints: int = _f(3, "numbered snapshots kept besides last.pt")
+    precision: str = _f("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
+    resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
+    tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
+    val_batches: int = _f(50, "validation batches evaluated at each sample step (0: the whole validation split)")
+
+    def __post_init__(self):
+        _require(self, dict(batch_size=1, epochs=1, max_steps=1, learning_rate=0.0, lr_warmup_steps=0, num_workers=0,
+                            log_every=1, sample_every=1, save_every=1, keep_checkpoints=0, val_batches=0))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction {self.val_fraction} is out of range: use a value in [0, 1).")
+
+
+@dataclass
+class TrainVQGANConfig(RunConfig):
     """A stage-1 training run (training_vqgan.py)."""
     dataset_path: Optional[str] = _f(None, "folder of training images, searched recursively; omit to train the built-in demo")
     output_dir: str = _f("runs/vqgan", "run folder: config.json, checkpoints/, samples/, metrics.jsonl")
     preset: Optional[str] = _f(None, "named configuration to start from (see PRESETS in config.py)")
     batch_size: int = _f(8, "images per optimizer step")
-    epochs: int = _f(100, "upper bound on passes over the data")
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (default: only --epochs bounds the run)")
     learning_rate: float = _f(2.25e-05, "Adam learning rate of the VQGAN and the discriminator")
     beta1: float = _f(0.5, "Adam beta1")
     beta2: float = _f(0.9, "Adam beta2")
@@ -100,35 +125,15 @@ class TrainVQGANConfig:
     codebook_weight: float = _f(1.0, "weight of the codebook loss")
     vgg_weights: Optional[str] = _f(None, "VGG16 weights for LPIPS: torchvision's vgg16 file, or a taming-transformers VQGAN .ckpt (VGG16 and linear layers); default: torchvision's ImageNet weights, downloaded once")
     flip: bool = _f(True, "random horizontal flips of training images")
-    val_fraction: float = _f(0.05, "fraction of the images held out for validation")
-    num_workers: int = _f(2, "data-loading worker processes")
-    seed: int = _f(0, "random seed of weights, data order and augmentation")
-    log_every: int = _f(50, "steps between metrics.jsonl lines")
-    sample_every: int = _f(1000, "steps between sample grids and validation PSNR")
-    save_every: int = _f(1000, "steps between checkpoints")
-    keep_checkpoints: int = _f(3, "numbered snapshots kept besides last.pt")
-    precision: str = _f("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
-    resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
-    tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
-    val_batches: int = _f(50, "validation batches for PSNR (0: the whole validation split)")
     model: VQGANConfig = field(default_factory=VQGANConfig)
 
     def __post_init__(self):
-        _check_training(self)
+        super().__post_init__()
         _require(self, dict(disc_start=0, disc_factor=0.0, disc_weight=0.0, disc_ndf=1, disc_layers=1,
                             rec_loss_factor=0.0, perceptual_loss_factor=0.0, codebook_weight=0.0))
         if self.model.in_channels != self.model.out_channels:
             raise UserError(f"--in-channels {self.model.in_channels} and --out-channels {self.model.out_channels} "
                             "differ, but the reconstruction loss compares input and output: make them equal.")
-
-
-def _check_training(cfg) -> None:
-    """Checks shared by both training configs."""
-    _require(cfg, dict(batch_size=1, epochs=1, max_steps=1, learning_rate=0.0, lr_warmup_steps=0, num_workers=0,
-                       log_every=1, sample_every=1, save_every=1, keep_checkpoints=0, val_batches=0))
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise UserError(f"--val-fraction {cfg.val_fraction} is out of range: use a value in [0, 1).")
 
 
 @dataclass
@@ -155,7 +160,7 @@ class GPTConfig:
 
 
 @dataclass
-class TrainTransformerConfig:
+class TrainTransformerConfig(RunConfig):
     """A stage-2 training run (training_transformer.py)."""
     dataset_path: Optional[str] = _f(None, "folder of training images (first-level subfolders are the classes with --conditional); omit for the demo photographs")
     vqgan_checkpoint: Optional[str] = _f(None, "stage-1 checkpoint, ours or a taming-transformers VQGAN .ckpt (default: runs/vqgan/checkpoints/last.pt, the demo's)", "--checkpoint-path")
@@ -169,33 +174,19 @@ class TrainTransformerConfig:
     augment: bool = _f(False, "random crops and flips instead of center crops (turns the token cache off)")
     cache_tokens: bool = _f(True, "encode the dataset once with the frozen VQGAN (only without --augment)")
     batch_size: int = _f(16, "sequences per optimizer step")
-    epochs: int = _f(100, "upper bound on passes over the data")
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps")
     learning_rate: float = _f(4.5e-4, "peak AdamW learning rate")
     lr_warmup_steps: int = _f(100, "linear warmup steps, then cosine decay to 10% at the last step")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     weight_decay: float = _f(0.01, "AdamW weight decay (Linear weights only)")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
-    val_fraction: float = _f(0.05, "fraction of the images held out for validation")
-    num_workers: int = _f(2, "data-loading worker processes")
-    seed: int = _f(0, "random seed")
-    log_every: int = _f(50, "steps between metrics.jsonl lines")
-    sample_every: int = _f(1000, "steps between sample grids")
-    save_every: int = _f(1000, "steps between checkpoints")
-    keep_checkpoints: int = _f(3, "numbered snapshots kept besides last.pt")
     num_samples: int = _f(8, "samples per row of the sample grids")
     temperature: float = _f(1.0, "sampling temperature of the sample grids")
     top_k: Optional[int] = _f(None, "top-k of the sample grids (default: all codes)")
-    precision: str = _f("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
-    resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
-    tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
-    val_batches: int = _f(50, "validation batches for the validation loss (0: the whole validation split)")
     model: GPTConfig = field(default_factory=GPTConfig)
 
     def __post_init__(self):
-        _check_training(self)
+        super().__post_init__()
         _require(self, dict(num_samples=1, top_k=1, grad_clip=0.0, weight_decay=0.0))
         if not 0.0 < self.pkeep <= 1.0 or not 0.0 <= self.class_dropout < 1.0 or self.temperature <= 0:
             raise UserError("--pkeep must be in (0, 1], --class-dropout in [0, 1) and --temperature above 0.")
@@ -243,7 +234,8 @@ def _flag(name: str) -> str:
 def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
-    for f in fields(cls):
+    own = inspect.get_annotations(cls)  # this class's fields, not its bases'
+    for f in sorted(fields(cls), key=lambda f: f.name not in own):  # the class's own fields first
         if dataclasses.is_dataclass(hints[f.name]) or f.metadata.get("derived"):
             continue
         tp, meta = hints[f.name], f.metadata
