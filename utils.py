@@ -5,6 +5,7 @@ helpers, run folders and metrics, sample grids, PSNR and the learning-rate sched
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -134,6 +135,7 @@ class Placeholder:
         return f"<placeholder for {type(self).__qualname__}>"
 
 
+@functools.lru_cache(maxsize=1)
 def _allowed_globals() -> dict:
     """What a restricted load may really resolve: tensor and storage rebuilding, dtypes, plain
     containers. Everything else becomes a Placeholder."""
