@@ -48,6 +48,13 @@ class VQGANConfig:
     beta: float = _f(0.25, "commitment weight of the codebook loss")
     legacy_beta: bool = _f(False, "put beta on the codebook term as the reference does (default: on the commitment term, as in the VQ-VAE paper)")
     quantizer: str = _f("vq", "vq: nearest code (VQ-VAE); gumbel: Gumbel-softmax (the reference's Gumbel f8 model)", choices=("vq", "gumbel"))
+    # Codebook techniques (codebook.py says what each does and where it comes from); off = plain VQ.
+    codebook_l2_norm: bool = _f(False, "look codes up by cosine similarity of l2-normalized vectors (ViT-VQGAN)")
+    codebook_dim: int = _f(0, "look codes up in this many dimensions, projected from and back to --embed-dim (ViT-VQGAN factorized codes; 0: no projection)")
+    codebook_ema: float = _f(0.0, "decay of EMA code updates instead of codebook gradients, e.g. 0.99 (VQ-VAE appendix; 0: off)")
+    codebook_kmeans_init: bool = _f(False, "initialize the codes by k-means on the first batches' encoder outputs")
+    codebook_restart_after: int = _f(0, "replace a code unused for this many steps by a recent encoder output (Jukebox; 0: off)")
+    codebook_entropy_weight: float = _f(0.0, "weight of the entropy regularizer on soft code assignments (MAGVIT-v2; 0: off)")
 
     def __post_init__(self):
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
@@ -56,6 +63,13 @@ class VQGANConfig:
                             "multiplier per level, e.g. --ch-mult 1 2 4.")
         _require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
                             embed_dim=1, n_embed=1, beta=0.0, dropout=0.0))
+        _require(self, dict(codebook_dim=0, codebook_ema=0.0, codebook_restart_after=0, codebook_entropy_weight=0.0))
+        if not self.codebook_ema < 1.0:
+            raise UserError(f"--codebook-ema {self.codebook_ema} is out of range: give a decay below 1, e.g. 0.99, "
+                            "or 0 to train the codes by gradient.")
+        if self.quantizer == "gumbel" and self.codebook_options():
+            raise UserError(f"{', '.join(self.codebook_options())} apply to the nearest-code quantizer only: "
+                            "drop them or use --quantizer vq.")
         if self.quantizer == "gumbel" and self.z_channels != self.embed_dim:
             raise UserError("the Gumbel quantizer reads quant_conv's output with z_channels inputs, as in the "
                             "reference: make --z-channels equal to --embed-dim.")
@@ -66,6 +80,10 @@ class VQGANConfig:
             raise UserError(f"image size {self.resolution} is not divisible by the downsampling factor "
                             f"{self.downsample_factor} (2^(len(ch_mult)-1)): choose --image-size as a multiple "
                             f"of {self.downsample_factor}.")
+
+    def codebook_options(self) -> list[str]:
+        """The codebook technique flags that are switched on."""
+        return [_flag(f.name) for f in fields(self) if f.name.startswith("codebook_") and getattr(self, f.name)]
 
     @property
     def downsample_factor(self) -> int:
@@ -125,12 +143,13 @@ class TrainVQGANConfig(RunConfig):
     codebook_weight: float = _f(1.0, "weight of the codebook loss")
     vgg_weights: Optional[str] = _f(None, "VGG16 weights for LPIPS: torchvision's vgg16 file, or a taming-transformers VQGAN .ckpt (VGG16 and linear layers); default: torchvision's ImageNet weights, downloaded once")
     flip: bool = _f(True, "random horizontal flips of training images")
+    usage_window: int = _f(100, "recent batches over which codebook usage and perplexity are also reported")
     model: VQGANConfig = field(default_factory=VQGANConfig)
 
     def __post_init__(self):
         super().__post_init__()
         _require(self, dict(disc_start=0, disc_factor=0.0, disc_weight=0.0, disc_ndf=1, disc_layers=1,
-                            rec_loss_factor=0.0, perceptual_loss_factor=0.0, codebook_weight=0.0))
+                            rec_loss_factor=0.0, perceptual_loss_factor=0.0, codebook_weight=0.0, usage_window=1))
         if self.model.in_channels != self.model.out_channels:
             raise UserError(f"--in-channels {self.model.in_channels} and --out-channels {self.model.out_channels} "
                             "differ, but the reconstruction loss compares input and output: make them equal.")
@@ -203,16 +222,28 @@ GPT_PRESETS: dict[str, dict] = {
 DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=1500, lr_warmup_steps=100, log_every=50,
                               sample_every=500, save_every=500, top_k=100)
 
+# The codebook that keeps (nearly) every code in use (codebook.py; README "Codebook usage"): cosine
+# lookup of 8-dimensional factorized codes, k-means initialization and dead-code restarts.
+# codebook_restart_after is set so that a code with a uniform share of the tokens would expect about
+# 25 uses in that many steps (tiny: 512 tokens per batch, 1024 codes, 50 steps; f16 at batch 16:
+# 4096 tokens, 16384 codes, 100 steps): a code restarted then is really dead.
+IMPROVED_CODEBOOK: dict = dict(codebook_l2_norm=True, codebook_dim=8, codebook_kmeans_init=True)
+_TINY = dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
+             z_channels=64, embed_dim=64, n_embed=1024, batch_size=8, learning_rate=1e-3, disc_start=2000)
+_F16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
+            z_channels=256, embed_dim=256)
+
 PRESETS: dict[str, dict] = {
-    # A CPU-sized model for the demo and quick experiments: 64x64 images, 8x8 tokens.
-    "tiny": dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
-                 z_channels=64, embed_dim=64, n_embed=512,
-                 batch_size=8, learning_rate=1e-3, disc_start=2000),
-    # The reference's ImageNet models (Esser et al. 2021, Tab. 2 / released checkpoints).
-    "f16-1024": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
-                     z_channels=256, embed_dim=256, n_embed=1024),
-    "f16-16384": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
-                      z_channels=256, embed_dim=256, n_embed=16384),
+    # A CPU-sized model for the demo and quick experiments: 64x64 images, 8x8 tokens, the improved
+    # codebook (tiny-vq: the same with plain VQ, for comparison).
+    "tiny": dict(**_TINY, **IMPROVED_CODEBOOK, codebook_restart_after=50),
+    "tiny-vq": dict(_TINY),
+    # The reference's ImageNet models (Esser et al. 2021, Tab. 2 / released checkpoints): plain VQ.
+    "f16-1024": dict(**_F16, n_embed=1024),
+    "f16-16384": dict(**_F16, n_embed=16384),
+    # The same architectures with the improved codebook (16384 codes: 8-dimensional, l2-normalized).
+    "f16-1024-l2": dict(**_F16, n_embed=1024, **IMPROVED_CODEBOOK, codebook_restart_after=100),
+    "f16-16384-l2": dict(**_F16, n_embed=16384, **IMPROVED_CODEBOOK, codebook_restart_after=100),
 }
 
 # `python training_vqgan.py` with no --dataset-path: the tiny preset on bundled photographs,

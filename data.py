@@ -215,6 +215,13 @@ def demo_images(shortest_side: int, min_val_width: int) -> tuple[list[np.ndarray
     return train, val
 
 
+def demo_validation(val_parts: list[np.ndarray], size: int, channels: int, seed: int, length: int = 64) -> ImageDataset:
+    """Fixed random crops (epoch 0, fixed seed) of the demo's held-out strips; a longer set
+    starts with the same crops as a shorter one."""
+    return ImageDataset(val_parts, build_transform(size, True, resize=False), seed + 1, length=length,
+                        channels=channels)
+
+
 def split_files(paths: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """A seeded hold-out split: (train, val), each sorted."""
     shuffled = list(paths)
@@ -251,9 +258,7 @@ def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: 
         train_parts, val_parts = demo_images(side, min_val_width=size)
         train = ImageDataset(train_parts, build_transform(size, augment, flip, resize=False), seed,
                              length=demo_length, channels=channels)
-        # Validation: fixed random crops (epoch 0, fixed seed) of the held-out strips.
-        val = ImageDataset(val_parts, build_transform(size, True, resize=False), seed + 1, length=64,
-                           channels=channels)
+        val = demo_validation(val_parts, size, channels, seed)
         return train, val, (f"demo: random {size}x{size} crops of {len(DEMO_IMAGES)} scikit-image photographs "
                             f"(validation: crops of a held-out strip of each)")
     paths = check_images(scan_images(dataset_path))

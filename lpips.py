@@ -141,8 +141,8 @@ def _vgg_unavailable(reason: str) -> VGGWeightsUnavailable:
     return VGGWeightsUnavailable(
         f"The VGG16 weights for the LPIPS perceptual loss could not be had ({reason}). Either run once "
         f"with internet access so torchvision caches them at {vgg_cache_path()}, or download "
-        f"{VGG16_URL} yourself and pass it with --vgg-weights PATH, or train without the perceptual "
-        "term with --perceptual-loss-factor 0.")
+        f"{VGG16_URL} yourself and pass it with --vgg-weights PATH, or do without LPIPS: "
+        "--perceptual-loss-factor 0 when training, --no-lpips when evaluating.")
 
 
 def _lpips_state_from(state: dict) -> dict:

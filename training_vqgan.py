@@ -21,12 +21,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from codebook import codebook_usage
+from codebook import CodebookUsage
 from config import TrainVQGANConfig, UserError, config_to_dict, parse_train_vqgan
 from discriminator import D_LOSSES, NLayerDiscriminator, calculate_adaptive_weight, generator_loss
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
+from metrics import psnr
 from data import EpochSampler, epoch_batches, image_datasets, make_loader
-from utils import (MeanMeter, RunFolder, autocast, is_main_process, load_checkpoint, log, lr_at, psnr, resolve_device,
+from utils import (MeanMeter, RunFolder, autocast, is_main_process, load_checkpoint, log, lr_at, resolve_device,
                    resolve_precision, rng_state, run_cli, save_sample_grid, seed_everything, set_rng_state, warn)
 from vqgan import VQGAN
 
@@ -44,6 +45,7 @@ class Stage1:
     scaler_d: torch.amp.GradScaler
     device: torch.device
     amp_dtype: Optional[torch.dtype]
+    usage: CodebookUsage
 
     def disc_active(self, step: int) -> bool:
         return step >= self.cfg.disc_start and self.cfg.disc_factor > 0
@@ -114,7 +116,9 @@ def train_step(s: Stage1, x: torch.Tensor, step: int) -> dict:
             group["lr"] = lr
     logs, x_rec, indices = generator_step(s, x, step)
     logs.update(discriminator_step(s, x, x_rec, step))
-    logs["usage"], logs["perplexity"] = codebook_usage(indices, s.model.config.n_embed)
+    logs.update(s.usage.update(indices))
+    if s.model.config.codebook_restart_after:
+        logs["codes_restarted"] = s.model.quantize.restarted
     return logs
 
 
@@ -129,7 +133,7 @@ def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Option
                   opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=betas),
                   scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
                   scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
-                  device=device, amp_dtype=amp_dtype)
+                  device=device, amp_dtype=amp_dtype, usage=CodebookUsage(cfg.model.n_embed, cfg.usage_window))
 
 
 def checkpoint_dict(s: Stage1, step: int) -> dict:
@@ -251,7 +255,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
             metrics = meter.flush()
             metrics.update(epoch=epoch, lr=lr_at(step - 1, cfg.learning_rate, cfg.lr_warmup_steps),
                            images_per_s=cfg.batch_size / metrics["step_time"])
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage")})
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage", "usage_window")})
             run.log_metrics(step, metrics)
         if step % cfg.sample_every == 0 or step == total_steps:
             with torch.no_grad(), autocast(device, s.amp_dtype):

@@ -306,13 +306,6 @@ def save_sample_grid(rows: Sequence[torch.Tensor], path) -> None:
     save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=rows[0].shape[0], padding=2)
 
 
-@torch.no_grad()
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (peak 1 after mapping to [0, 1]); shape (B,)."""
-    mse = (((x.float() - y.float()) / 2) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
 def lr_at(step: int, base_lr: float, warmup_steps: int = 0, total_steps: Optional[int] = None,
           schedule: str = "constant", min_ratio: float = 0.1) -> float:
     """Linear warmup, then constant or cosine decay to min_ratio * base_lr at total_steps."""

@@ -36,8 +36,11 @@ class VQGAN(nn.Module):
             self.quantize = GumbelQuantizer(num_hiddens=config.z_channels, embed_dim=config.embed_dim,
                                             n_embed=config.n_embed)
         else:
-            self.quantize = VectorQuantizer(n_embed=config.n_embed, embed_dim=config.embed_dim,
-                                            beta=config.beta, legacy=config.legacy_beta)
+            self.quantize = VectorQuantizer(
+                n_embed=config.n_embed, embed_dim=config.embed_dim, beta=config.beta, legacy=config.legacy_beta,
+                l2_norm=config.codebook_l2_norm, codebook_dim=config.codebook_dim, ema_decay=config.codebook_ema,
+                kmeans_init=config.codebook_kmeans_init, restart_after=config.codebook_restart_after,
+                entropy_weight=config.codebook_entropy_weight)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,3 +33,22 @@ def write_images(folder, n=6, size=(40, 48), seed=0):
         Image.fromarray(arr).save(path)
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def random_inception(tmp_path, monkeypatch):
+    """torch-fidelity's Inception architecture with random weights, saved as its weights file
+    would be (the real one is downloaded by users, never by tests)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    torch.manual_seed(0)
+    net = fe.FeatureExtractorInceptionV3("random", ["2048"])
+    monkeypatch.undo()
+    for m in net.modules():  # He initialization keeps the random features from vanishing
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)

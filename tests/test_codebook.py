@@ -1,9 +1,12 @@
 """Vector quantizer: nearest codes, straight-through gradients, loss placement, statistics."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from codebook import VectorQuantizer, codebook_usage
+from codebook import CodebookUsage, VectorQuantizer, codebook_usage
 
 
 def make_vq(legacy=False, n_embed=16, dim=4, seed=0):
@@ -73,3 +76,122 @@ def test_usage_and_perplexity_by_hand():
     usage, perplexity = codebook_usage(torch.arange(8), n_embed=8)
     assert usage.item() == 1.0 and perplexity.item() == pytest.approx(8.0, rel=1e-5)
     assert codebook_usage(torch.zeros(10, dtype=torch.long), 8)[1].item() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ codebook techniques (issue 5)
+def test_ema_update_matches_hand_computation():
+    """Codes (0,0) and (10,10); vectors (1,0), (0,1) -> code 0 and (9,10) -> code 1; decay 0.5.
+    N = 0.5*[1, 1] + 0.5*[2, 1] = [1.5, 1];  m = 0.5*[(0,0), (10,10)] + 0.5*[(1,1), (9,10)]
+    = [(0.5,0.5), (9.5,10)];  e = m / N = [(1/3, 1/3), (9.5, 10)] (up to the 1e-5 smoothing)."""
+    vq = VectorQuantizer(n_embed=2, embed_dim=2, beta=0.25, ema_decay=0.5)
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+        vq.ema_embed_sum.copy_(vq.embedding.weight)
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 10.0]]).t().reshape(1, 2, 1, 3).requires_grad_(True)
+    vq.train()
+    z_q, q_loss, indices = vq(z)
+    assert indices.flatten().tolist() == [0, 0, 1]
+    torch.testing.assert_close(vq.ema_cluster_size, torch.tensor([1.5, 1.0]))
+    torch.testing.assert_close(vq.embedding.weight, torch.tensor([[1 / 3, 1 / 3], [9.5, 10.0]]), atol=1e-4, rtol=0)
+    # no codebook term: the loss is beta * commitment, computed against the codes before the update
+    before = torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 10.0]])
+    flat = z.detach().reshape(2, 3).t()
+    torch.testing.assert_close(q_loss, 0.25 * ((flat - before) ** 2).mean())
+    q_loss.backward()
+    assert vq.embedding.weight.grad is None and z.grad is not None
+    vq.eval()  # eval mode leaves the codes alone
+    vq(z.detach())
+    torch.testing.assert_close(vq.embedding.weight, torch.tensor([[1 / 3, 1 / 3], [9.5, 10.0]]), atol=1e-4, rtol=0)
+
+
+def test_dead_code_is_restarted_from_encoder_outputs():
+    vq = VectorQuantizer(n_embed=4, embed_dim=2, restart_after=2)
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [100.0, 100.0]]))
+    z = torch.tensor([[0.1, 0.0], [5.0, 0.2], [0.0, 4.9]]).t().reshape(1, 2, 1, 3)
+    vq.train()
+    for _ in range(2):  # code 3 is never nearest: unused for two forward passes
+        vq(z)
+        assert vq.restarted.item() == 0
+    assert vq.unused_steps.tolist() == [0, 0, 0, 2]
+    vq(z)  # the third forward restarts it from one of this batch's vectors
+    assert vq.restarted.item() == 1
+    new = vq.embedding.weight[3].detach()
+    assert any(torch.allclose(new, v) for v in z.reshape(2, 3).t())
+    torch.testing.assert_close(vq.embedding.weight[:3].detach(), torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]))
+
+
+def test_l2_mode_unit_norm_codes_and_cosine_lookup():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(n_embed=32, embed_dim=16, l2_norm=True, codebook_dim=4)
+    vq.embedding.weight.data.normal_()
+    e = vq.codes()
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(32))
+    z = torch.randn(2, 16, 3, 3)
+    _, _, indices = vq.eval()(z)
+    z_low = vq.in_proj(z.permute(0, 2, 3, 1).reshape(-1, 16))
+    cosine = F.normalize(z_low, dim=1) @ F.normalize(vq.embedding.weight, dim=1).t()
+    assert torch.equal(indices.flatten(), cosine.argmax(1))
+    # what the decoder receives is the projected-back unit code
+    torch.testing.assert_close(vq.lookup(indices), vq.out_proj(e[indices]).permute(0, 3, 1, 2))
+
+
+def test_kmeans_init_finds_the_clusters():
+    torch.manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    vq = VectorQuantizer(n_embed=4, embed_dim=2, kmeans_init=True).train()
+    for _ in range(2):  # the init waits for 2 * n_embed pooled vectors: 6 per batch, so 2 batches
+        points = centers.repeat(3, 1)[torch.randperm(12)[:6]] + 0.01 * torch.randn(6, 2)
+        vq(points.t().reshape(1, 2, 1, 6))
+    assert bool(vq.initted)
+    codes = vq.embedding.weight.detach()
+    assert all((codes - c).norm(dim=1).min() < 0.1 for c in centers)
+    fresh = VectorQuantizer(n_embed=4, embed_dim=2, kmeans_init=True)
+    fresh.load_state_dict(vq.state_dict())
+    assert bool(fresh.initted)  # a loaded codebook is not initialized again
+
+
+def test_entropy_loss_rewards_confident_diverse_assignments():
+    vq = VectorQuantizer(n_embed=4, embed_dim=2, entropy_weight=1.0)
+    e = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    spread = vq.entropy_loss(e.clone(), e)  # every code used once, confidently: -log 4
+    collapsed = vq.entropy_loss(e[:1].repeat(4, 1), e)  # every vector on code 0: 0
+    assert spread.item() == pytest.approx(-math.log(4), abs=1e-4) and collapsed.item() == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(l2_norm=True), dict(codebook_dim=3), dict(ema_decay=0.9), dict(restart_after=1),
+    dict(kmeans_init=True), dict(entropy_weight=0.1),
+    dict(l2_norm=True, codebook_dim=3, ema_decay=0.9, kmeans_init=True, restart_after=1, entropy_weight=0.1),
+])
+def test_invariants_for_every_option(options):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(n_embed=16, embed_dim=6, **options).train()
+    z = torch.randn(2, 6, 4, 4, requires_grad=True)
+    for _ in range(3):  # exercises the init, restarts and EMA updates
+        z_q, q_loss, indices = vq(z)
+    assert z_q.shape == z.shape and indices.shape == (2, 4, 4) and 0 <= indices.min() and indices.max() < 16
+    (z_q.sum() + q_loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through reaches the encoder
+    vq.eval()
+    z_q, _, indices = vq(z.detach())
+    torch.testing.assert_close(z_q, vq.lookup(indices), rtol=0, atol=1e-5)  # z_q is the looked-up code
+    copy = VectorQuantizer(n_embed=16, embed_dim=6, **options)
+    copy.load_state_dict(vq.state_dict())
+    assert torch.equal(copy.eval()(z.detach())[2], indices)
+
+
+def test_plain_vq_state_dict_has_only_the_reference_entry():
+    assert list(VectorQuantizer(n_embed=8, embed_dim=4).state_dict()) == ["embedding.weight"]
+
+
+def test_usage_statistics_hand_made_indices():
+    usage, perplexity = codebook_usage(torch.tensor([0, 0, 0, 1]), 4)
+    # p = (3/4, 1/4): H = -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.562335, perplexity e^H = 1.754765
+    assert usage.item() == 0.5 and perplexity.item() == pytest.approx(1.754765, abs=1e-5)
+    tracker = CodebookUsage(4, window=2)
+    tracker.update(torch.tensor([0, 0]))
+    tracker.update(torch.tensor([1, 1]))
+    stats = tracker.update(torch.tensor([2, 2]))  # the window now holds [1, 1] and [2, 2]
+    assert stats["usage"].item() == 0.25 and stats["perplexity"].item() == pytest.approx(1.0)
+    assert stats["usage_window"].item() == 0.5 and stats["perplexity_window"].item() == pytest.approx(2.0)

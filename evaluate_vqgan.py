@@ -1,0 +1,195 @@
+"""Evaluate a VQGAN tokenizer over a whole image set: PSNR, SSIM, LPIPS, codebook usage and
+perplexity, and rFID (Heusel et al. 2017) when Inception weights are given.
+
+    python evaluate_vqgan.py --checkpoint runs/vqgan/checkpoints/last.pt                 # demo's held-out crops
+    python evaluate_vqgan.py --checkpoint last.pt --dataset-path DIR --inception-weights weights-inception-2015-12-05-6726825d.pth
+    python evaluate_vqgan.py --checkpoint vqgan_imagenet_f16_16384/checkpoints/last.ckpt --config .../configs/model.yaml --dataset-path DIR
+
+Every image of DIR (searched recursively) is resized on its shorter side and center-cropped to
+the model's resolution (or --image-size). Without --dataset-path the set is fixed random crops of
+the demo photographs' held-out strips. Prints a table and writes OUT/metrics.json and
+OUT/reconstructions.png (each original next to its reconstruction).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from config import UserError
+from data import (EpochSampler, ImageDataset, build_transform, check_images, demo_images, demo_validation, make_loader,
+                  scan_images)
+from lpips import VGGWeightsUnavailable, load_lpips
+from metrics import INCEPTION_FILE, ReconstructionFID, psnr, ssim
+from utils import autocast, log, resolve_device, resolve_precision, run_cli, warn
+from vqgan import VQGAN
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a VQGAN: reconstruction quality and codebook usage.")
+    p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint of this project, or a taming-transformers VQGAN .ckpt")
+    p.add_argument("--config", default=None, help="YAML config of a taming-transformers checkpoint (default: inferred)")
+    p.add_argument("--dataset-path", default=None, help="folder of images, searched recursively (default: the demo's held-out crops)")
+    p.add_argument("--image-size", type=int, default=None, help="side of the center crop (default: the model's resolution)")
+    p.add_argument("--num-images", type=int, default=0, help="evaluate the first N images only; for the demo set, its size (default: all; demo 512)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+    p.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (default: the checkpoint's own, if it is a taming one, else torchvision's cache or download)")
+    p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True, help="compute LPIPS (default: on)")
+    p.add_argument("--inception-weights", default=None, help=f"torch-fidelity's Inception weights ({INCEPTION_FILE}) for rFID (default: no rFID)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda when available)")
+    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: fp32)")
+    p.add_argument("--grid-images", type=int, default=8, help="image pairs in reconstructions.png (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo crops (default: 0, as in training)")
+    p.add_argument("--out", default=None, help="output folder (default: eval/ in the checkpoint's run folder)")
+    return p.parse_args(argv)
+
+
+def default_out(checkpoint: str) -> Path:
+    path = Path(checkpoint)
+    return path.parent.parent / "eval" if path.parent.name == "checkpoints" else path.parent / f"{path.stem}_eval"
+
+
+def build_dataset(args: argparse.Namespace, size: int, channels: int) -> tuple[ImageDataset, str]:
+    if args.dataset_path is None:
+        n = args.num_images or 512
+        _, val_parts = demo_images(4 * size, min_val_width=size)
+        return demo_validation(val_parts, size, channels, args.seed, length=n), f"demo: {n} crops of the held-out strips"
+    paths = check_images(scan_images(args.dataset_path))
+    if args.num_images:
+        paths = paths[:args.num_images]
+    return (ImageDataset(paths, build_transform(size, False), args.seed, channels=channels),
+            f"{args.dataset_path}: {len(paths)} images")
+
+
+def setup_lpips(args: argparse.Namespace):
+    """LPIPS from --vgg-weights, else the checkpoint's own perceptual loss (taming checkpoints
+    carry one), else torchvision's VGG16; None, with a warning, when none is available."""
+    if not args.lpips:
+        return None
+    if args.vgg_weights is not None:
+        return load_lpips(args.vgg_weights)  # asked for explicitly: a problem is an error
+    try:
+        return load_lpips(args.checkpoint)
+    except VGGWeightsUnavailable:
+        pass
+    try:
+        return load_lpips(None)
+    except VGGWeightsUnavailable as e:
+        warn(f"LPIPS is not computed: {e}")
+        return None
+
+
+@torch.no_grad()
+def evaluate(model: VQGAN, loader, device: torch.device, amp_dtype, perceptual=None, fid=None,
+             grid_images: int = 8, show_progress: bool = True) -> tuple[dict, list]:
+    """Metrics over every batch of `loader` (images in [-1, 1]) and the first `grid_images`
+    (original, reconstruction) pairs."""
+    n_embed = model.config.n_embed
+    counts = torch.zeros(n_embed, device=device)
+    values: dict[str, list] = {"psnr": [], "ssim": [], "lpips": []}
+    pairs = []
+    for x in tqdm(loader, desc="evaluating", disable=not show_progress, dynamic_ncols=True):
+        x = x[0] if isinstance(x, (list, tuple)) else x
+        x = x.to(device)
+        with autocast(device, amp_dtype):
+            z_q, indices, _ = model.encode(x)
+            x_rec = model.decode(z_q)
+        x_rec = x_rec.float().clamp(-1, 1)
+        counts += torch.bincount(indices.flatten(), minlength=n_embed).float()
+        values["psnr"].append(psnr(x, x_rec).cpu())
+        values["ssim"].append(ssim(x, x_rec).cpu())
+        if perceptual is not None:
+            values["lpips"].append(perceptual(x, x_rec).float().flatten().cpu())
+        if fid is not None:
+            fid.update(x, x_rec)
+        if len(pairs) < grid_images:
+            pairs.extend(zip(x.cpu(), x_rec.cpu()))
+    if not values["psnr"]:
+        raise UserError("the evaluation set is empty: give a --dataset-path with images.")
+    p = counts / counts.sum()
+    result = {
+        "images": int(sum(len(v) for v in values["psnr"])),
+        "psnr": torch.cat(values["psnr"]).mean().item(),
+        "ssim": torch.cat(values["ssim"]).mean().item(),
+        "lpips": torch.cat(values["lpips"]).mean().item() if values["lpips"] else None,
+        "rfid": fid.compute() if fid is not None else None,
+        "codebook_usage": (counts > 0).float().mean().item(),
+        "codes_used": int((counts > 0).sum().item()),
+        "n_embed": n_embed,
+        "perplexity": torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item(),
+    }
+    return result, pairs[:grid_images]
+
+
+def format_table(result: dict) -> str:
+    rows = [("images", f"{result['images']}"),
+            ("PSNR (dB)", f"{result['psnr']:.2f}"),
+            ("SSIM", f"{result['ssim']:.4f}"),
+            ("LPIPS", "n/a" if result["lpips"] is None else f"{result['lpips']:.4f}"),
+            ("rFID", "n/a (--inception-weights)" if result["rfid"] is None else f"{result['rfid']:.2f}"),
+            ("codebook usage", f"{100 * result['codebook_usage']:.1f}% ({result['codes_used']} of {result['n_embed']})"),
+            ("perplexity", f"{result['perplexity']:.1f}")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    amp_dtype = resolve_precision(args.precision, device)
+    for name in ("num_images", "grid_images"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 0.")
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise UserError("--batch-size must be at least 1 and --num-workers at least 0.")
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        raise UserError(f"--inception-weights {args.inception_weights} is not a file: give the path of "
+                        f"{INCEPTION_FILE} (torch-fidelity's Inception weights).")
+    model = VQGAN.from_checkpoint(args.checkpoint, config=args.config).to(device).eval()
+    cfg = model.config
+    size = args.image_size or cfg.resolution
+    if size < 1 or size % cfg.downsample_factor:
+        raise UserError(f"--image-size {size} is not a positive multiple of the model's downsampling factor "
+                        f"{cfg.downsample_factor}.")
+    if size < 11:
+        raise UserError(f"--image-size {size} is too small for SSIM's 11x11 window: use at least 16.")
+    dataset, description = build_dataset(args, size, cfg.in_channels)
+    fid = None
+    if args.inception_weights is not None:
+        if cfg.out_channels != 3:
+            raise UserError("rFID needs RGB images; this model has "
+                            f"{cfg.out_channels} output channel(s): drop --inception-weights.")
+        fid = ReconstructionFID(args.inception_weights, device)
+    perceptual = setup_lpips(args)
+    if perceptual is not None and cfg.out_channels != 3:
+        warn("LPIPS needs RGB images; it is not computed for this model.")
+        perceptual = None
+    perceptual = perceptual.to(device) if perceptual is not None else None
+    out = Path(args.out) if args.out else default_out(args.checkpoint)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out} ({e.strerror}): choose a writable --out.") from None
+
+    log(f"data: {description}; {size}x{size} crops")
+    loader = make_loader(dataset, EpochSampler(len(dataset), args.seed, shuffle=False), args.batch_size,
+                         args.num_workers, drop_last=False, pin_memory=device.type == "cuda")
+    result, pairs = evaluate(model, loader, device, amp_dtype, perceptual, fid, args.grid_images)
+    result = {"checkpoint": str(args.checkpoint), "dataset": description, "image_size": size, **result}
+    print(format_table(result), flush=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if pairs:
+        images = torch.stack([img for pair in pairs for img in pair])
+        save_image((images + 1) / 2, str(out / "reconstructions.png"), nrow=4, padding=2)
+    log(f"wrote {out / 'metrics.json'} and {out / 'reconstructions.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
