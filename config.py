@@ -112,6 +112,7 @@ class RunConfig:
     device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
     resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
     tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
+    compile: bool = _f(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT)")
     val_batches: int = _f(50, "validation batches evaluated at each sample step (0: the whole validation split)")
 
     def __post_init__(self):

@@ -44,7 +44,17 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, stride=1, padding=1)
 
+    def compile_trunk(self) -> None:
+        """torch.compile everything but conv_out. The adaptive GAN weight differentiates through
+        conv_out alone; inside a compiled graph, that would re-run the whole compiled backward."""
+        self._trunk = torch.compile(self.trunk)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, z_channels, h, w)
+        h = self._trunk(z) if getattr(self, "_trunk", None) is not None else self.trunk(z)
+        return self.conv_out(h)  # (B, out_channels, h*f, w*f)
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Everything before conv_out: (B, z_channels, h, w) -> (B, ch*ch_mult[0], h*f, w*f)."""
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(self.up):
@@ -54,4 +64,4 @@ class Decoder(nn.Module):
                     h = level.attn[i](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))  # (B, out_channels, h*f, w*f)
+        return swish(self.norm_out(h))

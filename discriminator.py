@@ -70,3 +70,15 @@ def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last
     g_grad, = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)
     d_weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)
     return d_weight.clamp(0.0, max_weight).detach()
+
+
+def adaptive_weight_from_output_grads(output: torch.Tensor, last_layer: torch.Tensor, grad_nll: torch.Tensor,
+                                      grad_gan: torch.Tensor, max_weight: float = 1e4, eps: float = 1e-4) -> torch.Tensor:
+    """The same lambda as calculate_adaptive_weight, from the two losses' gradients with respect
+    to `output`, the result of the layer whose weight is `last_layer`: the weight's gradients are
+    then taken through that layer alone, not through the networks behind the losses. Under
+    loss scaling, pass scaled gradients and eps = 1e-4 * scale."""
+    w_nll, = torch.autograd.grad(output, last_layer, grad_nll, retain_graph=True)
+    w_gan, = torch.autograd.grad(output, last_layer, grad_gan, retain_graph=True)
+    d_weight = w_nll.float().norm() / (w_gan.float().norm() + eps)
+    return d_weight.clamp(0.0, max_weight).detach()

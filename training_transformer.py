@@ -192,7 +192,9 @@ def main(cfg: TrainTransformerConfig) -> dict:
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                            betas=(cfg.beta1, cfg.beta2))
+                            betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    if cfg.compile:
+        model.gpt.compile()
     s = Stage2(cfg=cfg, model=model, opt=opt, device=device, amp_dtype=amp_dtype, total_steps=total_steps,
                scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
     step = 0

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from codebook import CodebookUsage
 from config import TrainVQGANConfig, UserError, config_to_dict, parse_train_vqgan
-from discriminator import D_LOSSES, NLayerDiscriminator, calculate_adaptive_weight, generator_loss
+from discriminator import D_LOSSES, NLayerDiscriminator, adaptive_weight_from_output_grads, generator_loss
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
 from data import EpochSampler, epoch_batches, image_datasets, make_loader
@@ -64,28 +64,46 @@ def frozen(module: nn.Module):
 
 
 def generator_step(s: Stage1, x: torch.Tensor, step: int):
-    """One optimizer step of encoder, codebook and decoder. Returns (logs, x_rec, indices)."""
+    """One optimizer step of encoder, codebook and decoder. Returns (logs, x_rec, indices).
+
+    With the GAN term on, the adaptive weight needs the last layer's gradients of the NLL and of
+    the GAN loss separately. The reference takes both through the whole graph (LPIPS and the
+    discriminator backpropagated twice) and then backpropagates the weighted sum a third time.
+    Here each loss is backpropagated once, to the reconstruction x_rec; as x_rec is the output of
+    the last layer, that layer's two gradients come from those through the last layer alone; and
+    the weighted sum of the two x_rec gradients (plus the codebook loss) is backpropagated once
+    through decoder and encoder. The gradients are the same (a test checks it)."""
     cfg, zero = s.cfg, torch.zeros((), device=x.device)
+    gan = s.disc_active(step)
     with frozen(s.disc), autocast(s.device, s.amp_dtype):
         x_rec, indices, q_loss = s.model(x)
         rec_loss = (x.float() - x_rec.float()).abs().mean()
         p_loss = s.perceptual(x, x_rec).float().mean() if s.perceptual is not None else zero
         nll_loss = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
-        if s.disc_active(step):
+        if gan:
             # Scored inside a real+fake batch, as in the discriminator step, so that BatchNorm
             # normalizes the fakes with the same kind of statistics the discriminator learned on.
             logits_fake = s.disc(torch.cat([x, x_rec]))[x.shape[0]:].float()
             g_loss = generator_loss(logits_fake, cfg.disc_loss)
-            scale = s.scaler_g.get_scale() if s.scaler_g.is_enabled() else 1.0
-            d_weight = cfg.disc_weight * calculate_adaptive_weight(nll_loss, g_loss, s.model.last_layer,
-                                                                   loss_scale=scale)
         else:  # before --disc-start the discriminator does no work at all
-            g_loss, d_weight = zero, zero
-        loss = nll_loss + d_weight * cfg.disc_factor * g_loss + cfg.codebook_weight * q_loss
+            g_loss = zero
     s.opt_g.zero_grad(set_to_none=True)
-    s.scaler_g.scale(loss).backward()
+    if gan:
+        # Under fp16 the losses are scaled before differentiation, so small gradients do not
+        # underflow; the ratio in the adaptive weight is unchanged by the common scale.
+        scale = s.scaler_g.get_scale() if s.scaler_g.is_enabled() else 1.0
+        grad_nll, = torch.autograd.grad(nll_loss * scale, x_rec, retain_graph=True)
+        grad_gan, = torch.autograd.grad(g_loss * scale, x_rec, retain_graph=True)
+        d_weight = cfg.disc_weight * adaptive_weight_from_output_grads(x_rec, s.model.last_layer, grad_nll, grad_gan,
+                                                                      eps=1e-4 * scale)
+        grad_x_rec = grad_nll + (d_weight * cfg.disc_factor).to(grad_nll.dtype) * grad_gan
+        torch.autograd.backward([x_rec, s.scaler_g.scale(cfg.codebook_weight * q_loss)], [grad_x_rec, None])
+    else:
+        d_weight = zero
+        s.scaler_g.scale(nll_loss + cfg.codebook_weight * q_loss).backward()
     s.scaler_g.step(s.opt_g)
     s.scaler_g.update()
+    loss = nll_loss.detach() + d_weight * cfg.disc_factor * g_loss.detach() + cfg.codebook_weight * q_loss.detach()
     logs = dict(loss=loss, rec_loss=rec_loss, p_loss=p_loss, q_loss=q_loss, g_loss=g_loss, d_weight=d_weight)
     return logs, x_rec.detach(), indices
 
@@ -122,15 +140,30 @@ def train_step(s: Stage1, x: torch.Tensor, step: int) -> dict:
     return logs
 
 
+def compile_stage1(model: VQGAN, disc: nn.Module, perceptual: Optional[nn.Module]) -> None:
+    """torch.compile in place (state_dict names unchanged): encoder, decoder up to its last
+    layer (see Decoder.compile_trunk), discriminator and LPIPS. The quantizer stays eager: its
+    training-time codebook updates change buffers in place."""
+    model.encoder.compile()
+    model.decoder.compile_trunk()
+    disc.compile()
+    if perceptual is not None:
+        perceptual.compile()
+
+
 def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Optional[LPIPS]) -> Stage1:
     model = VQGAN(cfg.model).to(device)
     disc = NLayerDiscriminator(input_nc=cfg.model.out_channels, ndf=cfg.disc_ndf, n_layers=cfg.disc_layers).to(device)
     betas = (cfg.beta1, cfg.beta2)
     amp_dtype = resolve_precision(cfg.precision, device)
     fp16 = amp_dtype == torch.float16  # bf16 and fp32 need no loss scaling
-    return Stage1(cfg=cfg, model=model, disc=disc, perceptual=perceptual.to(device) if perceptual else None,
-                  opt_g=torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=betas),
-                  opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=betas),
+    perceptual = perceptual.to(device) if perceptual else None
+    if cfg.compile:
+        compile_stage1(model, disc, perceptual)
+    fused = device.type == "cuda"  # one kernel per optimizer step instead of one per tensor
+    return Stage1(cfg=cfg, model=model, disc=disc, perceptual=perceptual,
+                  opt_g=torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=betas, fused=fused),
+                  opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=betas, fused=fused),
                   scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
                   scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
                   device=device, amp_dtype=amp_dtype, usage=CodebookUsage(cfg.model.n_embed, cfg.usage_window))

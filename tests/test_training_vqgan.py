@@ -188,3 +188,55 @@ def test_cli_help_lists_flags_with_defaults():
     assert r.returncode == 0
     for text in ("--dataset-path", "--preset", "--max-steps", "--vgg-weights", "--precision", "(default: hinge)"):
         assert text in r.stdout
+
+
+@pytest.mark.parametrize("perceptual", [False, True])
+def test_single_pass_generator_gradients_equal_the_two_backward_computation(tiny_cfg, tmp_path, perceptual):
+    """The step backpropagates each loss once to x_rec; the reference's way takes the adaptive
+    weight's gradients through the whole graph and backpropagates the weighted sum again."""
+    from test_lpips import random_vgg_file
+    from lpips import load_lpips
+
+    lp = load_lpips(str(random_vgg_file(tmp_path)[0])) if perceptual else None
+    kw = dict(disc_start=0, disc_weight=0.7, disc_factor=0.9, codebook_weight=1.3, perceptual_loss_factor=float(perceptual))
+
+    def fresh():
+        seed_everything(0)
+        cfg = TrainVQGANConfig(model=tiny_cfg, batch_size=4, learning_rate=1e-3, disc_ndf=16, disc_layers=2, **kw)
+        return build_stage1(cfg, torch.device("cpu"), lp)
+
+    x = batch()
+    fast = fresh()
+    logs, _, _ = generator_step(fast, x, step=0)
+
+    plain = fresh()
+    x_rec, _, q_loss = plain.model(x)
+    nll = (x - x_rec).abs().mean() + (lp(x, x_rec).mean() if perceptual else 0)
+    g = -plain.disc(torch.cat([x, x_rec]))[4:].mean()
+    last = plain.model.decoder.conv_out.weight
+    g_nll, = torch.autograd.grad(nll, last, retain_graph=True)
+    g_g, = torch.autograd.grad(g, last, retain_graph=True)
+    lam = 0.7 * (g_nll.norm() / (g_g.norm() + 1e-4)).clamp(0, 1e4).detach()
+    plain.disc.requires_grad_(False)
+    (nll + lam * 0.9 * g + 1.3 * q_loss).backward()
+
+    assert logs["d_weight"].item() == pytest.approx(lam.item(), rel=1e-5)
+    for (name, a), b in zip(fast.model.named_parameters(), plain.model.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_training_step_runs_on_cpu(tiny_cfg):
+    s = stage1(tiny_cfg, disc_start=0, precision="bf16")
+    assert s.amp_dtype == torch.bfloat16
+    x = batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        x_rec, _, _ = s.model(x)
+        z_q, _, _ = s.model.encode(x)
+    assert x_rec.dtype == torch.bfloat16 and z_q.dtype == torch.float32  # codebook math in float32
+    before = [p.detach().clone() for p in s.model.parameters()]
+    logs = train_step(s, x, step=0)
+    assert all(torch.isfinite(logs[k]) for k in ("loss", "rec_loss", "q_loss", "g_loss", "d_weight", "d_loss"))
+    assert logs["d_weight"].item() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, s.model.parameters()))

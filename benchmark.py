@@ -1,0 +1,254 @@
+"""Time the training steps and sampling: stage-1 images/s, GPT tokens/s, sampled images/s.
+
+    python benchmark.py stage1 --preset f16-1024 --batch-size 16                 # GAN active, LPIPS on
+    python benchmark.py stage1 --preset tiny --device cpu --compare              # ours vs the reference's step
+    python benchmark.py gpt --preset f16-1024 --gpt-preset f16-1024 --batch-size 16
+    python benchmark.py sample --preset f16-1024 --gpt-preset f16-1024 --batch-size 16 --top-k 100
+
+Random weights and inputs (the compute is the same as with trained ones; LPIPS's VGG16 too, so
+nothing is downloaded). Each command warms up, then times --steps steps with CUDA events (wall
+clock on the CPU) and reports the median, the rate and, on CUDA, the peak memory. Every model
+field is a flag (--ch, --ch-mult, --attn-resolutions, --n-layer, ...), so any architecture can be
+timed. `--compare` also times the straightforward implementation and reports the speed ratio:
+for stage 1 the reference's training step as its trainer runs it (the adaptive weight's
+gradients through the whole graph, a second VQGAN and LPIPS forward in the discriminator step,
+separate real and fake discriminator passes); for the GPT the same step with attention computed
+by the explicit softmax formula; sampling always reports cached and uncached rates.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+from config import (GPT_PRESETS, PRESETS, GPTConfig, TrainTransformerConfig, TrainVQGANConfig, UserError, VQGANConfig,
+                    _add_fields, make_config)
+from discriminator import calculate_adaptive_weight, hinge_d_loss
+from lpips import LPIPS
+from utils import autocast, log, resolve_device, resolve_precision, run_cli
+from vqgan import VQGAN
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark VQGAN training (stage1), GPT training (gpt) and sampling (sample).")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help in (("stage1", "one VQGAN training step: generator and discriminator, GAN and LPIPS active"),
+                       ("gpt", "one GPT training step on cached tokens"),
+                       ("sample", "sampling a full token grid per image, with and without the key/value cache")):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--preset", default="f16-1024", help=f"stage-1 preset: {', '.join(PRESETS)} (default: f16-1024)")
+        sp.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
+        sp.add_argument("--device", default="auto", help="torch device (default: cuda when available)")
+        sp.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="autocast precision (default: auto = bf16 on CUDA where supported, else fp32)")
+        sp.add_argument("--compile", action="store_true", help="torch.compile as training does with --compile")
+        sp.add_argument("--steps", type=int, default=20 if name != "sample" else 3, help="timed steps (default: 20; sample: 3)")
+        sp.add_argument("--warmup", type=int, default=5 if name != "sample" else 1, help="untimed steps first (default: 5; sample: 1)")
+        sp.add_argument("--json", default=None, help="also write the result to this JSON file")
+        if name != "sample":
+            sp.add_argument("--compare", action="store_true", help="also time the straightforward implementation")
+        if name != "stage1":
+            sp.add_argument("--gpt-preset", default="f16-1024", help=f"GPT preset: {', '.join(GPT_PRESETS)} (default: f16-1024)")
+        if name == "sample":
+            sp.add_argument("--top-k", type=int, default=100, help="top-k sampling (default: 100)")
+        _add_fields(sp, VQGANConfig, "stage-1 model (overrides the preset)")
+        if name != "stage1":
+            _add_fields(sp, GPTConfig, "GPT (overrides --gpt-preset)")
+    return p.parse_args(argv)
+
+
+def model_flags(args: argparse.Namespace, cls) -> dict:
+    names = {f for f in cls.__dataclass_fields__}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+class Timer:
+    """Milliseconds of one call: CUDA events on the GPU (no host sync inside the timed work),
+    wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
+
+
+def measure(fn: Callable, device: torch.device, steps: int, warmup: int) -> dict:
+    """Median milliseconds over `steps` calls after `warmup`, and the peak CUDA memory of the
+    timed calls."""
+    timer = Timer(device)
+    for _ in range(warmup):
+        timer(fn)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = [timer(fn) for _ in range(steps)]
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return {"median_ms": statistics.median(times), "peak_memory_gib": peak}
+
+
+# ------------------------------------------------------------------------------------ stage 1
+def reference_step(s, x: torch.Tensor, step: int) -> None:
+    """The reference's stage-1 training step as its trainer runs it (PyTorch Lightning, one
+    optimizer after the other), written with this project's modules: the straightforward
+    implementation the fast path is compared with."""
+    cfg = s.cfg
+    with autocast(s.device, s.amp_dtype):  # generator: optimizer_idx 0
+        x_rec, _, q_loss = s.model(x)
+        nll = (x - x_rec).abs().mean() + cfg.perceptual_loss_factor * s.perceptual(x, x_rec).mean()
+        g_loss = -s.disc(x_rec).mean()
+        d_weight = cfg.disc_weight * calculate_adaptive_weight(nll, g_loss, s.model.last_layer)
+        loss = nll + d_weight * cfg.disc_factor * g_loss + cfg.codebook_weight * q_loss
+    s.opt_g.zero_grad(set_to_none=True)
+    loss.backward()  # also fills the discriminator's gradients, as the reference does
+    s.opt_g.step()
+    with autocast(s.device, s.amp_dtype):  # discriminator: optimizer_idx 1 runs the model again
+        x_rec, _, q_loss = s.model(x)
+        (x - x_rec).abs().mean() + s.perceptual(x, x_rec).mean()  # its loss computes these first
+        d_loss = cfg.disc_factor * hinge_d_loss(s.disc(x.detach()), s.disc(x_rec.detach()))
+    s.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    s.opt_d.step()
+
+
+def bench_stage1(args: argparse.Namespace, device: torch.device) -> dict:
+    from training_vqgan import build_stage1, train_step
+
+    cfg = make_config(TrainVQGANConfig, VQGANConfig, {"preset": args.preset, **model_flags(args, VQGANConfig),
+                                                      "batch_size": args.batch_size, "precision": args.precision,
+                                                      "compile": args.compile, "disc_start": 0},
+                      PRESETS)
+    mc = cfg.model
+    torch.manual_seed(0)
+    s = build_stage1(cfg, device, LPIPS())  # random VGG16: the same compute as the real one
+    s.model.train()
+    s.disc.train()
+    x = (torch.rand(args.batch_size, mc.in_channels, mc.resolution, mc.resolution, device=device) * 2 - 1)
+    result = {"command": "stage1", "preset": args.preset, "batch_size": args.batch_size, "image_size": mc.resolution,
+              "n_embed": mc.n_embed, "parameters_m": sum(p.numel() for p in s.model.parameters()) / 1e6}
+    m = measure(lambda: train_step(s, x, step=0), device, args.steps, args.warmup)
+    result.update(step_ms=m["median_ms"], images_per_s=args.batch_size * 1000 / m["median_ms"],
+                  peak_memory_gib=m["peak_memory_gib"])
+    if args.compare:
+        torch.manual_seed(0)
+        ref = build_stage1(dataclasses.replace(cfg, compile=False), device, LPIPS())
+        ref.model.train()
+        ref.disc.train()
+        r = measure(lambda: reference_step(ref, x, step=0), device, args.steps, args.warmup)
+        result.update(reference_step_ms=r["median_ms"], reference_images_per_s=args.batch_size * 1000 / r["median_ms"],
+                      reference_peak_memory_gib=r["peak_memory_gib"], speedup=r["median_ms"] / m["median_ms"])
+    return result
+
+
+# ------------------------------------------------------------------------------------ stage 2
+def build_transformer(args: argparse.Namespace, device: torch.device):
+    from transformer import VQGANTransformer, gpt_shape
+
+    tcfg = make_config(TrainTransformerConfig, GPTConfig, {"preset": args.gpt_preset, **model_flags(args, GPTConfig),
+                                                           "batch_size": args.batch_size, "precision": args.precision,
+                                                           "compile": args.compile}, GPT_PRESETS)
+    vcfg = make_config(TrainVQGANConfig, VQGANConfig, {"preset": args.preset, **model_flags(args, VQGANConfig)},
+                       PRESETS).model
+    torch.manual_seed(0)
+    gpt_cfg = dataclasses.replace(tcfg.model, **gpt_shape(vcfg, 0))
+    model = VQGANTransformer(VQGAN(vcfg), gpt_cfg).to(device)
+    return tcfg, vcfg, model
+
+
+def bench_gpt(args: argparse.Namespace, device: torch.device) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from training_transformer import Stage2, train_step
+
+    tcfg, vcfg, model = build_transformer(args, device)
+    opt = torch.optim.AdamW(model.gpt.optimizer_groups(tcfg.weight_decay), lr=tcfg.learning_rate,
+                            betas=(tcfg.beta1, tcfg.beta2), fused=device.type == "cuda")
+    amp_dtype = resolve_precision(tcfg.precision, device)
+    if tcfg.compile:
+        model.gpt.compile()
+    s = Stage2(cfg=tcfg, model=model.train(), opt=opt, device=device, amp_dtype=amp_dtype, total_steps=10 ** 6,
+               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+    h = vcfg.latent_size
+    tokens = torch.randint(vcfg.n_embed, (args.batch_size, h, h), device=device)
+    per_step = args.batch_size * h * h
+    result = {"command": "gpt", "preset": args.preset, "gpt_preset": args.gpt_preset, "batch_size": args.batch_size,
+              "tokens_per_sequence": h * h, "n_layer": tcfg.model.n_layer, "n_embd": tcfg.model.n_embd,
+              "parameters_m": sum(p.numel() for p in model.gpt.parameters()) / 1e6}
+    m = measure(lambda: train_step(s, tokens, 0), device, args.steps, args.warmup)
+    result.update(step_ms=m["median_ms"], tokens_per_s=per_step * 1000 / m["median_ms"],
+                  peak_memory_gib=m["peak_memory_gib"])
+    if args.compare:
+        with sdpa_kernel(SDPBackend.MATH):  # attention by the explicit formula
+            r = measure(lambda: train_step(s, tokens, 0), device, args.steps, args.warmup)
+        result.update(reference_step_ms=r["median_ms"], reference_tokens_per_s=per_step * 1000 / r["median_ms"],
+                      speedup=r["median_ms"] / m["median_ms"])
+    return result
+
+
+def bench_sample(args: argparse.Namespace, device: torch.device) -> dict:
+    tcfg, vcfg, model = build_transformer(args, device)
+    model.eval()
+    amp_dtype = resolve_precision(tcfg.precision, device)
+    if args.compile:
+        model.gpt.compile()
+    h = vcfg.latent_size
+    result = {"command": "sample", "preset": args.preset, "gpt_preset": args.gpt_preset, "batch_size": args.batch_size,
+              "tokens_per_image": h * h, "top_k": args.top_k}
+    indices = None
+    for cached in (True, False):
+        def run():
+            nonlocal indices
+            with torch.no_grad(), autocast(device, amp_dtype):
+                indices = model.sample(args.batch_size, top_k=args.top_k, use_cache=cached)
+        m = measure(run, device, args.steps, args.warmup)
+        key = "cached" if cached else "uncached"
+        result.update({f"{key}_s": m["median_ms"] / 1000, f"{key}_images_per_s": args.batch_size * 1000 / m["median_ms"],
+                       f"{key}_peak_memory_gib": m["peak_memory_gib"]})
+
+    def decode():
+        with torch.no_grad(), autocast(device, amp_dtype):
+            model.indices_to_images(indices)
+    d = measure(decode, device, args.steps, args.warmup)
+    result.update(decode_s=d["median_ms"] / 1000)
+    return result
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise UserError("--batch-size and --steps must be at least 1, --warmup at least 0.")
+    for name in ("preset",) + (("gpt_preset",) if args.command != "stage1" else ()):
+        presets = PRESETS if name == "preset" else GPT_PRESETS
+        if getattr(args, name) not in presets:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is unknown: choose one of "
+                            f"{', '.join(presets)}.")
+    bench = {"stage1": bench_stage1, "gpt": bench_gpt, "sample": bench_sample}[args.command]
+    result = bench(args, device)
+    amp_dtype = resolve_precision(args.precision, device)
+    result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                  precision=str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", compile=args.compile,
+                  torch=torch.__version__)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        log(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
