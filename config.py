@@ -113,10 +113,12 @@ class RunConfig:
     resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
     tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
     compile: bool = _f(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT)")
+    grad_accum: int = _f(1, "micro-batches of --batch-size per optimizer step (gradients synchronized on the last only)")
+    scale_lr: bool = _f(False, "multiply --learning-rate by the global batch (batch size x processes x --grad-accum), as the reference does")
     val_batches: int = _f(50, "validation batches evaluated at each sample step (0: the whole validation split)")
 
     def __post_init__(self):
-        _require(self, dict(batch_size=1, epochs=1, max_steps=1, learning_rate=0.0, lr_warmup_steps=0, num_workers=0,
+        _require(self, dict(batch_size=1, grad_accum=1, epochs=1, max_steps=1, learning_rate=0.0, lr_warmup_steps=0, num_workers=0,
                             log_every=1, sample_every=1, save_every=1, keep_checkpoints=0, val_batches=0))
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction} is out of range: use a value in [0, 1).")
@@ -145,6 +147,7 @@ class TrainVQGANConfig(RunConfig):
     vgg_weights: Optional[str] = _f(None, "VGG16 weights for LPIPS: torchvision's vgg16 file, or a taming-transformers VQGAN .ckpt (VGG16 and linear layers); default: torchvision's ImageNet weights, downloaded once")
     flip: bool = _f(True, "random horizontal flips of training images")
     usage_window: int = _f(100, "recent batches over which codebook usage and perplexity are also reported")
+    sync_batchnorm: bool = _f(False, "under torchrun on CUDA, the discriminator's BatchNorm uses statistics of the global batch")
     model: VQGANConfig = field(default_factory=VQGANConfig)
 
     def __post_init__(self):

@@ -154,17 +154,24 @@ def to_tensor(image: np.ndarray, channels: int = 3) -> torch.Tensor:
 
 class EpochSampler(Sampler):
     """Yields (index, epoch) keys in an order fixed by (seed, epoch), from position `start`, so
-    that a run resumed in the middle of an epoch continues with the same samples."""
+    that a run resumed in the middle of an epoch continues with the same samples. Distributed
+    (world_size > 1): the epoch's order is dealt round-robin to the ranks, each rank getting
+    n // world_size keys (the remainder is dropped, as DistributedSampler does with
+    drop_last), and `start` counts this rank's keys."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
         self.epoch, self.start = 0, 0
+
+    @property
+    def per_rank(self) -> int:
+        return self.n // self.world_size if self.world_size > 1 else self.n
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return self.per_rank - self.start
 
     def __iter__(self):
         if self.shuffle:
@@ -172,7 +179,8 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        for i in order[self.start:].tolist():
+        mine = order[self.rank::self.world_size][:self.per_rank]
+        for i in mine[self.start:].tolist():
             yield (i, self.epoch)
 
 
@@ -278,15 +286,23 @@ def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: 
     return train, val, f"{dataset_path}: {len(train_paths)} training and {len(val_paths)} validation images"
 
 
-def epoch_batches(step: int, total_steps: int, batch_size: int, sampler: EpochSampler, loader: DataLoader):
-    """Yield (epoch, batch) from optimizer step `step` on until `total_steps`, setting the
-    sampler so that a resumed run continues at the same place of the same epoch order."""
-    steps_per_epoch = sampler.n // batch_size
+def epoch_batches(step: int, total_steps: int, batch_size: int, sampler: EpochSampler, loader: DataLoader,
+                  accum: int = 1):
+    """Yield (epoch, [accum micro-batches]) for each optimizer step from `step` on until
+    `total_steps`, setting the sampler so that a resumed run continues at the same place of the
+    same epoch order. `batch_size` is the loader's (per-process) batch."""
+    per_step = batch_size * accum
+    steps_per_epoch = sampler.per_rank // per_step
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, offset * batch_size)
+        sampler.set_epoch(epoch, offset * per_step)
+        group = []
         for batch in loader:
-            yield epoch, batch
+            group.append(batch)
+            if len(group) < accum:
+                continue
+            yield epoch, group
+            group = []
             step += 1
-            if step >= total_steps:
-                return
+            if step >= total_steps or step % steps_per_epoch == 0:
+                break  # the next epoch starts with a fresh order (an incomplete group is dropped)

@@ -10,20 +10,24 @@ the GPT trains from the cached tokens. The training step is a plain next-token c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from config import TrainTransformerConfig, UserError, config_to_dict, parse_train_transformer
 from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
 from data import EpochSampler, epoch_batches, image_datasets, make_loader
-from utils import (MeanMeter, RunFolder, autocast, is_main_process, load_checkpoint, log, lr_at, resolve_device,
-                   resolve_precision, rng_state, run_cli, save_sample_grid, seed_everything, set_rng_state, warn)
+from utils import (MeanMeter, RunFolder, autocast, barrier, describe_batch, global_batch, is_main_process,
+                   load_checkpoint, log, lr_at, replicas_identical, resolve_precision, rng_state, run_cli,
+                   save_sample_grid, scaled_lr, seed_everything, set_rng_state, setup_distributed, warn)
 from vqgan import VQGAN
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -69,6 +73,8 @@ class Stage2:
     device: torch.device
     amp_dtype: Optional[torch.dtype]
     total_steps: int
+    learning_rate: float = 0.0  # after --scale-lr; 0: cfg.learning_rate
+    model_train: Optional[nn.Module] = None  # the DDP wrapper under torchrun, else model
 
 
 def to_tokens(s: Stage2, x: torch.Tensor) -> torch.Tensor:
@@ -78,18 +84,27 @@ def to_tokens(s: Stage2, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(s: Stage2, batch, step: int) -> dict:
+    """One optimizer step on a batch, or on a list of micro-batches whose gradients are
+    accumulated (synchronized across processes on the last one only)."""
     cfg = s.cfg
-    x, labels = split_batch(batch)
-    indices = to_tokens(s, x)
-    labels = labels.to(s.device) if s.model.conditional else None
-    lr = lr_at(step, cfg.learning_rate, cfg.lr_warmup_steps, s.total_steps, "cosine")
+    micro = list(batch) if isinstance(batch, list) else [batch]
+    lr = lr_at(step, s.learning_rate or cfg.learning_rate, cfg.lr_warmup_steps, s.total_steps, "cosine")
     for group in s.opt.param_groups:
         group["lr"] = lr
-    with autocast(s.device, s.amp_dtype):
-        _, loss = s.model(indices, labels, pkeep=cfg.pkeep, class_dropout=cfg.class_dropout)
+    net = s.model_train or s.model
     s.opt.zero_grad(set_to_none=True)
-    s.scaler.scale(loss).backward()
-    logs = {"loss": loss}
+    meter = MeanMeter()
+    for i, part in enumerate(micro):
+        x, labels = split_batch(part)
+        indices = to_tokens(s, x)
+        labels = labels.to(s.device) if s.model.conditional else None
+        last = i == len(micro) - 1
+        with net.no_sync() if isinstance(net, DDP) and not last else contextlib.nullcontext():
+            with autocast(s.device, s.amp_dtype):
+                _, loss = net(indices, labels, pkeep=cfg.pkeep, class_dropout=cfg.class_dropout)
+            s.scaler.scale(loss / len(micro)).backward()
+        meter.add({"loss": loss})
+    logs = meter.means()
     if cfg.grad_clip > 0:
         s.scaler.unscale_(s.opt)
         logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(s.model.gpt.parameters(), cfg.grad_clip)
@@ -142,7 +157,7 @@ def checkpoint_dict(s: Stage2, step: int) -> dict:
 
 
 def main(cfg: TrainTransformerConfig) -> dict:
-    device = resolve_device(cfg.device)
+    device, dist_info = setup_distributed(cfg.device)
     resume_path = RunFolder.resume_path(cfg.output_dir, cfg.resume)
     resumed = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
     if resumed is not None and resumed.get("kind") != "transformer":
@@ -168,9 +183,10 @@ def main(cfg: TrainTransformerConfig) -> dict:
     train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.augment,
                                                    cfg.val_fraction, cfg.seed, augment=cfg.augment, classes=classes)
     classes = classes or []
-    if len(train_ds) < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_ds)} training images: "
-                        "lower --batch-size or add images.")
+    if len(train_ds) < global_batch(cfg, dist_info):
+        raise UserError(f"the global batch ({cfg.batch_size} x {dist_info.world_size} processes x {cfg.grad_accum} "
+                        f"accumulated) is larger than the {len(train_ds)} training images: lower --batch-size or "
+                        "--grad-accum, or add images.")
     gpt_cfg = dataclasses.replace(cfg.model, **gpt_shape(mc, len(classes)))
     cfg = dataclasses.replace(cfg, model=gpt_cfg, vqgan_checkpoint=vq_path)
     model = VQGANTransformer(vqgan, gpt_cfg, classes).to(device)
@@ -189,14 +205,19 @@ def main(cfg: TrainTransformerConfig) -> dict:
     run = RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints)
 
     amp_dtype = resolve_precision(cfg.precision, device)
-    steps_per_epoch = len(train_ds) // cfg.batch_size
+    sampler = EpochSampler(len(train_ds), cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size)
+    steps_per_epoch = sampler.per_rank // (cfg.batch_size * cfg.grad_accum)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
+    lr = scaled_lr(cfg, dist_info)
+    opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=lr,
                             betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     if cfg.compile:
         model.gpt.compile()
+    model_train = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled
+                   else model)  # the frozen VQGAN has no trainable parameters for DDP to synchronize
     s = Stage2(cfg=cfg, model=model, opt=opt, device=device, amp_dtype=amp_dtype, total_steps=total_steps,
-               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+               learning_rate=lr, model_train=model_train)
     step = 0
     if resumed is not None:
         model.gpt.load_state_dict(resumed["model"])
@@ -205,7 +226,6 @@ def main(cfg: TrainTransformerConfig) -> dict:
         set_rng_state(resumed["rng"])
         step = int(resumed["step"])
 
-    sampler = EpochSampler(len(train_ds), cfg.seed)
     loader = make_loader(train_ds, sampler, cfg.batch_size, cfg.num_workers, drop_last=True,
                          pin_memory=device.type == "cuda")
     val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
@@ -217,31 +237,38 @@ def main(cfg: TrainTransformerConfig) -> dict:
     log(f"model: GPT {n_params / 1e6:.2f}M parameters, {gpt_cfg.n_layer} layers, width {gpt_cfg.n_embd}, "
         f"{gpt_cfg.block_size} tokens, vocabulary {gpt_cfg.vocab_size} ({mc.n_embed} codes"
         + (f", {len(classes)} classes" if classes else "") + f", start); VQGAN from {vq_path}; device {device}")
-    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {cfg.batch_size})"
+    log(describe_batch(cfg, dist_info))
+    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch)"
         + (f"; resumed at step {step}" if step else ""))
 
     model.train()
-    bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not is_main_process())
+    main_process = is_main_process()
+    bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not main_process)
     meter = MeanMeter()
-    for epoch, batch in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader):
-        meter.add(train_step(s, batch, step))
+    for epoch, group in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader, cfg.grad_accum):
+        meter.add(train_step(s, group, step))
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
             metrics = meter.flush()
-            metrics.update(epoch=epoch, lr=lr_at(step - 1, cfg.learning_rate, cfg.lr_warmup_steps, total_steps, "cosine"),
-                           tokens_per_s=cfg.batch_size * gpt_cfg.block_size / metrics["step_time"])
+            metrics.update(epoch=epoch, lr=lr_at(step - 1, lr, cfg.lr_warmup_steps, total_steps, "cosine"),
+                           tokens_per_s=global_batch(cfg, dist_info) * gpt_cfg.block_size / metrics["step_time"])
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             run.log_metrics(step, metrics)
         if step % cfg.sample_every == 0 or step == total_steps:
-            val = evaluate_loss(s, val_loader, cfg.val_batches)
-            if val is not None:
-                run.log_metrics(step, {"val_loss": val})
-            with autocast(device, amp_dtype):
-                sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{step:07d}.png", generator)
+            if main_process:  # the other processes wait at the barrier
+                val = evaluate_loss(s, val_loader, cfg.val_batches)
+                if val is not None:
+                    run.log_metrics(step, {"val_loss": val})
+                with autocast(device, amp_dtype):
+                    sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{step:07d}.png", generator)
+            barrier()
         if step % cfg.save_every == 0 or step == total_steps:
             run.save(checkpoint_dict(s, step), step)
     bar.close()
+    if dist_info.enabled:
+        same = replicas_identical(model.gpt)
+        (log if same else warn)(f"weights {'identical' if same else 'DIFFER'} on all {dist_info.world_size} processes")
     log(f"checkpoint: {run.last}; samples (rows: inputs, reconstructions, half completions, samples): "
         f"{run.sample_dir}")
     run.close()

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from codebook import CodebookUsage
@@ -27,8 +28,9 @@ from discriminator import D_LOSSES, NLayerDiscriminator, adaptive_weight_from_ou
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
 from data import EpochSampler, epoch_batches, image_datasets, make_loader
-from utils import (MeanMeter, RunFolder, autocast, is_main_process, load_checkpoint, log, lr_at, resolve_device,
-                   resolve_precision, rng_state, run_cli, save_sample_grid, seed_everything, set_rng_state, warn)
+from utils import (DistInfo, MeanMeter, RunFolder, autocast, barrier, describe_batch, global_batch, is_main_process,
+                   load_checkpoint, log, lr_at, replicas_identical, resolve_precision, rng_state, run_cli, scaled_lr,
+                   save_sample_grid, seed_everything, set_rng_state, setup_distributed, warn)
 from vqgan import VQGAN
 
 
@@ -46,9 +48,17 @@ class Stage1:
     device: torch.device
     amp_dtype: Optional[torch.dtype]
     usage: CodebookUsage
+    learning_rate: float  # after --scale-lr
+    model_train: nn.Module  # what the steps call: the DDP wrappers under torchrun, else model and disc
+    disc_train: nn.Module
 
     def disc_active(self, step: int) -> bool:
         return step >= self.cfg.disc_start and self.cfg.disc_factor > 0
+
+
+def no_sync(module: nn.Module, last: bool):
+    """DDP gradient synchronization only on the last micro-batch of an accumulated step."""
+    return module.no_sync() if isinstance(module, DDP) and not last else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -63,8 +73,10 @@ def frozen(module: nn.Module):
             p.requires_grad_(f)
 
 
-def generator_step(s: Stage1, x: torch.Tensor, step: int):
-    """One optimizer step of encoder, codebook and decoder. Returns (logs, x_rec, indices).
+def generator_step(s: Stage1, x, step: int):
+    """One optimizer step of encoder, codebook and decoder over one batch, or over a list of
+    micro-batches whose gradients are accumulated (--grad-accum). Returns (logs, x_rec, indices),
+    x_rec detached and in the form of x (a tensor, or a list of them).
 
     With the GAN term on, the adaptive weight needs the last layer's gradients of the NLL and of
     the GAN loss separately. The reference takes both through the whole graph (LPIPS and the
@@ -73,62 +85,85 @@ def generator_step(s: Stage1, x: torch.Tensor, step: int):
     the last layer, that layer's two gradients come from those through the last layer alone; and
     the weighted sum of the two x_rec gradients (plus the codebook loss) is backpropagated once
     through decoder and encoder. The gradients are the same (a test checks it)."""
+    micro = list(x) if isinstance(x, (list, tuple)) else [x]
+    s.opt_g.zero_grad(set_to_none=True)
+    logs, x_recs, indices = MeanMeter(), [], []
+    for i, xi in enumerate(micro):
+        with no_sync(s.model_train, last=i == len(micro) - 1):
+            step_logs, x_rec, idx = generator_backward(s, xi, step, 1.0 / len(micro))
+        logs.add(step_logs)
+        x_recs.append(x_rec)
+        indices.append(idx)
+    s.scaler_g.step(s.opt_g)
+    s.scaler_g.update()
+    return logs.means(), (x_recs if isinstance(x, (list, tuple)) else x_recs[0]), torch.cat(indices)
+
+
+def generator_backward(s: Stage1, x: torch.Tensor, step: int, weight: float = 1.0):
+    """Forward and backward of one (micro-)batch, gradients scaled by `weight` (1/K when K
+    micro-batches make a step); the adaptive weight is that of this micro-batch."""
     cfg, zero = s.cfg, torch.zeros((), device=x.device)
     gan = s.disc_active(step)
     with frozen(s.disc), autocast(s.device, s.amp_dtype):
-        x_rec, indices, q_loss = s.model(x)
+        x_rec, indices, q_loss = s.model_train(x)
         rec_loss = (x.float() - x_rec.float()).abs().mean()
         p_loss = s.perceptual(x, x_rec).float().mean() if s.perceptual is not None else zero
         nll_loss = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
         if gan:
             # Scored inside a real+fake batch, as in the discriminator step, so that BatchNorm
             # normalizes the fakes with the same kind of statistics the discriminator learned on.
+            # The unwrapped discriminator: it is frozen here, so DDP has nothing to synchronize.
             logits_fake = s.disc(torch.cat([x, x_rec]))[x.shape[0]:].float()
             g_loss = generator_loss(logits_fake, cfg.disc_loss)
         else:  # before --disc-start the discriminator does no work at all
             g_loss = zero
-    s.opt_g.zero_grad(set_to_none=True)
+    # Under fp16 the losses are scaled before differentiation, so small gradients do not
+    # underflow; the ratio in the adaptive weight is unchanged by the common scale.
+    scale = (s.scaler_g.get_scale() if s.scaler_g.is_enabled() else 1.0) * weight
     if gan:
-        # Under fp16 the losses are scaled before differentiation, so small gradients do not
-        # underflow; the ratio in the adaptive weight is unchanged by the common scale.
-        scale = s.scaler_g.get_scale() if s.scaler_g.is_enabled() else 1.0
         grad_nll, = torch.autograd.grad(nll_loss * scale, x_rec, retain_graph=True)
         grad_gan, = torch.autograd.grad(g_loss * scale, x_rec, retain_graph=True)
         d_weight = cfg.disc_weight * adaptive_weight_from_output_grads(x_rec, s.model.last_layer, grad_nll, grad_gan,
                                                                       eps=1e-4 * scale)
         grad_x_rec = grad_nll + (d_weight * cfg.disc_factor).to(grad_nll.dtype) * grad_gan
-        torch.autograd.backward([x_rec, s.scaler_g.scale(cfg.codebook_weight * q_loss)], [grad_x_rec, None])
+        torch.autograd.backward([x_rec, cfg.codebook_weight * q_loss * scale], [grad_x_rec, None])
     else:
         d_weight = zero
-        s.scaler_g.scale(nll_loss + cfg.codebook_weight * q_loss).backward()
-    s.scaler_g.step(s.opt_g)
-    s.scaler_g.update()
+        ((nll_loss + cfg.codebook_weight * q_loss) * scale).backward()
     loss = nll_loss.detach() + d_weight * cfg.disc_factor * g_loss.detach() + cfg.codebook_weight * q_loss.detach()
     logs = dict(loss=loss, rec_loss=rec_loss, p_loss=p_loss, q_loss=q_loss, g_loss=g_loss, d_weight=d_weight)
     return logs, x_rec.detach(), indices
 
 
-def discriminator_step(s: Stage1, x: torch.Tensor, x_rec: torch.Tensor, step: int) -> dict:
-    """One optimizer step of the PatchGAN on real images and detached reconstructions."""
+def discriminator_step(s: Stage1, x, x_rec, step: int) -> dict:
+    """One optimizer step of the PatchGAN on real images and detached reconstructions (tensors,
+    or lists of micro-batches as generator_step takes and returns them)."""
     if not s.disc_active(step):
         return {}
-    with autocast(s.device, s.amp_dtype):
-        # One forward over real and fake together (the reference runs two): BatchNorm statistics
-        # come from the mixed batch in both steps, and a BatchNorm module is called once per
-        # step, which DistributedDataParallel requires.
-        logits = s.disc(torch.cat([x, x_rec.detach()])).float()
-        logits_real, logits_fake = logits.chunk(2)
-        d_loss = s.cfg.disc_factor * D_LOSSES[s.cfg.disc_loss](logits_real, logits_fake)
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    recs = list(x_rec) if isinstance(x_rec, (list, tuple)) else [x_rec]
     s.opt_d.zero_grad(set_to_none=True)
-    s.scaler_d.scale(d_loss).backward()
+    logs = MeanMeter()
+    for i, (xi, ri) in enumerate(zip(xs, recs)):
+        with no_sync(s.disc_train, last=i == len(xs) - 1):
+            with autocast(s.device, s.amp_dtype):
+                # One forward over real and fake together (the reference runs two): BatchNorm
+                # statistics come from the mixed batch in both steps, and a BatchNorm module is
+                # called once per step, which DistributedDataParallel requires.
+                logits = s.disc_train(torch.cat([xi, ri.detach()])).float()
+                logits_real, logits_fake = logits.chunk(2)
+                d_loss = s.cfg.disc_factor * D_LOSSES[s.cfg.disc_loss](logits_real, logits_fake)
+            s.scaler_d.scale(d_loss / len(xs)).backward()
+        logs.add(dict(d_loss=d_loss, logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean()))
     s.scaler_d.step(s.opt_d)
     s.scaler_d.update()
-    return dict(d_loss=d_loss, logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean())
+    return logs.means()
 
 
-def train_step(s: Stage1, x: torch.Tensor, step: int) -> dict:
-    """Generator step, then discriminator step. Returns 0-dim tensors (no host sync here)."""
-    lr = lr_at(step, s.cfg.learning_rate, s.cfg.lr_warmup_steps)
+def train_step(s: Stage1, x, step: int) -> dict:
+    """Generator step, then discriminator step, on a batch or a list of micro-batches. Returns
+    0-dim tensors (no host sync here)."""
+    lr = lr_at(step, s.learning_rate, s.cfg.lr_warmup_steps)
     for opt in (s.opt_g, s.opt_d):
         for group in opt.param_groups:
             group["lr"] = lr
@@ -151,22 +186,35 @@ def compile_stage1(model: VQGAN, disc: nn.Module, perceptual: Optional[nn.Module
         perceptual.compile()
 
 
-def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Optional[LPIPS]) -> Stage1:
+def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Optional[LPIPS],
+                 dist_info: DistInfo = DistInfo()) -> Stage1:
     model = VQGAN(cfg.model).to(device)
-    disc = NLayerDiscriminator(input_nc=cfg.model.out_channels, ndf=cfg.disc_ndf, n_layers=cfg.disc_layers).to(device)
+    disc = NLayerDiscriminator(input_nc=cfg.model.out_channels, ndf=cfg.disc_ndf, n_layers=cfg.disc_layers)
+    if cfg.sync_batchnorm and dist_info.enabled:
+        if device.type != "cuda":
+            raise UserError("--sync-batchnorm needs CUDA (SyncBatchNorm has no CPU implementation): drop it for "
+                            "CPU runs.")
+        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    disc = disc.to(device)
     betas = (cfg.beta1, cfg.beta2)
     amp_dtype = resolve_precision(cfg.precision, device)
     fp16 = amp_dtype == torch.float16  # bf16 and fp32 need no loss scaling
     perceptual = perceptual.to(device) if perceptual else None
     if cfg.compile:
         compile_stage1(model, disc, perceptual)
+    model_train, disc_train = model, disc
+    if dist_info.enabled:  # wrapped separately: each has its own optimizer and backward
+        ids = [device.index] if device.type == "cuda" else None
+        model_train, disc_train = DDP(model, device_ids=ids), DDP(disc, device_ids=ids)
     fused = device.type == "cuda"  # one kernel per optimizer step instead of one per tensor
+    lr = scaled_lr(cfg, dist_info)
     return Stage1(cfg=cfg, model=model, disc=disc, perceptual=perceptual,
-                  opt_g=torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=betas, fused=fused),
-                  opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=betas, fused=fused),
+                  opt_g=torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=fused),
+                  opt_d=torch.optim.Adam(disc.parameters(), lr=lr, betas=betas, fused=fused),
                   scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
                   scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
-                  device=device, amp_dtype=amp_dtype, usage=CodebookUsage(cfg.model.n_embed, cfg.usage_window))
+                  device=device, amp_dtype=amp_dtype, usage=CodebookUsage(cfg.model.n_embed, cfg.usage_window),
+                  learning_rate=lr, model_train=model_train, disc_train=disc_train)
 
 
 def checkpoint_dict(s: Stage1, step: int) -> dict:
@@ -239,7 +287,7 @@ def evaluate_psnr(s: Stage1, loader, max_batches: int = 0) -> Optional[float]:
 
 
 def main(cfg: TrainVQGANConfig) -> dict:
-    device = resolve_device(cfg.device)
+    device, dist_info = setup_distributed(cfg.device)
     resume_path = RunFolder.resume_path(cfg.output_dir, cfg.resume)
     resumed = load_resume(resume_path, cfg) if resume_path else None
     seed_everything(cfg.seed)
@@ -247,62 +295,72 @@ def main(cfg: TrainVQGANConfig) -> dict:
     mc = cfg.model
     train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.flip,
                                                    cfg.val_fraction, cfg.seed)
-    if len(train_ds) < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_ds)} training images: "
-                        "lower --batch-size or add images.")
+    if len(train_ds) < global_batch(cfg, dist_info):
+        raise UserError(f"the global batch ({cfg.batch_size} x {dist_info.world_size} processes x {cfg.grad_accum} "
+                        f"accumulated) is larger than the {len(train_ds)} training images: lower --batch-size or "
+                        "--grad-accum, or add images.")
     cfg, perceptual = setup_perceptual(cfg)
     run = RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints)
-    s = build_stage1(cfg, device, perceptual)
+    s = build_stage1(cfg, device, perceptual, dist_info)
     step = restore(s, resumed) if resumed else 0
 
-    steps_per_epoch = len(train_ds) // cfg.batch_size
+    sampler = EpochSampler(len(train_ds), cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size)
+    steps_per_epoch = sampler.per_rank // (cfg.batch_size * cfg.grad_accum)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    sampler = EpochSampler(len(train_ds), cfg.seed)
     loader = make_loader(train_ds, sampler, cfg.batch_size, cfg.num_workers, drop_last=True,
                          pin_memory=device.type == "cuda")
     val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size,
                              0, drop_last=False)
     fixed = next(iter(val_loader)) if len(val_ds) else next(iter(loader))
     fixed = fixed[:8].to(device)
+    main_process = is_main_process()
 
     n_params = sum(p.numel() for p in s.model.parameters())
     log(f"data: {description}")
     log(f"model: {n_params / 1e6:.2f}M parameters, {mc.latent_size}x{mc.latent_size} tokens from "
         f"{mc.resolution}x{mc.resolution} images, {mc.n_embed} codes; device {device}, precision "
         f"{str(s.amp_dtype).replace('torch.', '') if s.amp_dtype else 'fp32'}; run folder {cfg.output_dir}")
-    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch, batch {cfg.batch_size}); "
+    log(describe_batch(cfg, dist_info))
+    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch); "
         f"discriminator from step {cfg.disc_start}" + (f"; resumed at step {step}" if step else ""))
-    psnr_before = psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
+    # Validation and sample grids on rank 0 only; the others wait at the barrier.
+    psnr_before = psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches) if main_process else None
     if psnr_before is not None:
         log(f"validation PSNR {'before training' if step == 0 else f'at step {step}'}: {psnr_before:.2f} dB")
+    barrier()
 
     s.model.train()
     s.disc.train()
-    bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not is_main_process())
+    bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not main_process)
     meter = MeanMeter()
-    for epoch, x in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader):
-        meter.add(train_step(s, x.to(device, non_blocking=True), step))
+    for epoch, group in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader, cfg.grad_accum):
+        meter.add(train_step(s, [x.to(device, non_blocking=True) for x in group], step))
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
             metrics = meter.flush()
-            metrics.update(epoch=epoch, lr=lr_at(step - 1, cfg.learning_rate, cfg.lr_warmup_steps),
-                           images_per_s=cfg.batch_size / metrics["step_time"])
+            metrics.update(epoch=epoch, lr=lr_at(step - 1, s.learning_rate, cfg.lr_warmup_steps),
+                           images_per_s=global_batch(cfg, dist_info) / metrics["step_time"])
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage", "usage_window")})
             run.log_metrics(step, metrics)
         if step % cfg.sample_every == 0 or step == total_steps:
-            with torch.no_grad(), autocast(device, s.amp_dtype):
-                s.model.eval()
-                rec = s.model(fixed)[0]
-                s.model.train()
-            save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
-            psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
-            if psnr_after is not None:
-                run.log_metrics(step, {"val_psnr": psnr_after})
+            if main_process:
+                with torch.no_grad(), autocast(device, s.amp_dtype):
+                    s.model.eval()
+                    rec = s.model(fixed)[0]
+                    s.model.train()
+                save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
+                psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
+                if psnr_after is not None:
+                    run.log_metrics(step, {"val_psnr": psnr_after})
+            barrier()
         if step % cfg.save_every == 0 or step == total_steps:
             run.save(checkpoint_dict(s, step), step)
     bar.close()
 
+    if dist_info.enabled:
+        same = replicas_identical(s.model) and replicas_identical(s.disc, buffers=False)
+        (log if same else warn)(f"weights {'identical' if same else 'DIFFER'} on all {dist_info.world_size} processes")
     if psnr_after is not None:  # measured at the last step
         log(f"validation PSNR after {step} steps: {psnr_after:.2f} dB (before: {psnr_before:.2f} dB)")
     log(f"checkpoint: {run.last}; samples: {run.sample_dir}")

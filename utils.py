@@ -13,6 +13,7 @@ import pickle
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -25,6 +26,91 @@ from config import UserError
 def is_main_process() -> bool:
     """Rank 0 (or not distributed): the only process that prints, logs and writes files."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_name: str) -> tuple[torch.device, DistInfo]:
+    """The device and, under torchrun (WORLD_SIZE > 1 in the environment), the initialized
+    process group: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo on the CPU. A plain
+    `python script.py` run is not distributed and is unchanged."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return device, DistInfo()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices: start at most "
+                            "that many processes per node (--nproc_per_node).")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, DistInfo(rank, local, world)
+
+
+def cleanup_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def global_batch(cfg, dist_info: DistInfo) -> int:
+    """Samples per optimizer step over all processes: --batch-size x processes x --grad-accum."""
+    return cfg.batch_size * dist_info.world_size * cfg.grad_accum
+
+
+def scaled_lr(cfg, dist_info: DistInfo) -> float:
+    """--learning-rate, times the global batch with --scale-lr (the reference's rule)."""
+    return cfg.learning_rate * global_batch(cfg, dist_info) if cfg.scale_lr else cfg.learning_rate
+
+
+def describe_batch(cfg, dist_info: DistInfo) -> str:
+    """The start-of-run line on processes, global batch and the learning-rate rule."""
+    g, lr = global_batch(cfg, dist_info), scaled_lr(cfg, dist_info)
+    rule = (f"{lr:.3g} = {cfg.learning_rate:.3g} x global batch {g} (--scale-lr)" if cfg.scale_lr
+            else f"{lr:.3g} (not scaled with the batch; --scale-lr multiplies it by {g})")
+    return (f"{dist_info.world_size} process(es); global batch {g} = {cfg.batch_size} per process x "
+            f"{dist_info.world_size} x {cfg.grad_accum} accumulated; learning rate {rule}")
+
+
+@torch.no_grad()
+def replicas_identical(module: torch.nn.Module, buffers: bool = True) -> bool:
+    """Whether every process holds exactly rank 0's parameters (and buffers) (True when not
+    distributed). BatchNorm running statistics are local under DDP (rank 0's are broadcast at
+    each forward and saved), so pass buffers=False for a module with BatchNorm."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    tensors = list(module.parameters()) + (list(module.buffers()) if buffers else [])
+    flat = torch.cat([t.detach().float().flatten() for t in tensors])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    same = torch.tensor([float(torch.equal(flat, reference))], device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
 
 
 def log(*args) -> None:
@@ -42,8 +128,12 @@ def run_cli(main: Callable, parse: Callable) -> None:
     try:
         main(parse())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+        print(f"error{where}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        cleanup_distributed()
 
 
 # ---------------------------------------------------------------------- device and precision
@@ -212,6 +302,10 @@ class MeanMeter:
         for k, v in logs.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
         self.count += 1
+
+    def means(self) -> dict:
+        """Means so far as 0-dim tensors (no host sync), without resetting."""
+        return {k: v / self.count for k, v in self.sums.items()}
 
     def flush(self) -> dict:
         """Means of the interval, plus step_time (seconds per step)."""

@@ -1,0 +1,115 @@
+"""torchrun / DistributedDataParallel on the CPU (gloo, 2 processes): both training scripts, equal
+replicas, the 2 x b = 1 x 2b equivalence of a generator update, and resume under torchrun."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from config import TrainVQGANConfig
+from conftest import ROOT, write_images
+from training_vqgan import build_stage1, generator_step
+from utils import DistInfo, seed_everything
+
+STAGE1 = ["--ch", "32", "--ch-mult", "1", "2", "--num-res-blocks", "1", "--attn-resolutions", "8", "--image-size", "16",
+          "--latent-dim", "16", "--num-codebook-vectors", "32", "--batch-size", "2", "--disc-ndf", "8", "--disc-layers", "1",
+          "--num-workers", "0", "--perceptual-loss-factor", "0", "--device", "cpu", "--val-fraction", "0.2",
+          "--log-every", "1", "--sample-every", "2", "--save-every", "2"]
+
+
+def torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp") / "images"
+    write_images(folder, n=12)
+    return folder
+
+
+def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, tmp_path):
+    run = tmp_path / "vqgan"
+    codebook = ["--codebook-ema", "0.9", "--codebook-restart-after", "1", "--codebook-kmeans-init"]
+    first = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(run), *STAGE1, *codebook,
+                     "--max-steps", "2", "--disc-start", "1", "--grad-accum", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "weights identical on all 2 processes" in first.stdout
+    assert "global batch 8 = 2 per process x 2 x 2 accumulated" in first.stdout
+    assert first.stdout.count("validation PSNR before training") == 1  # only rank 0 prints
+
+    resumed = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(run), *STAGE1, *codebook,
+                       "--max-steps", "4", "--disc-start", "1", "--grad-accum", "2", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 2" in resumed.stdout and "weights identical on all 2 processes" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]  # one line per step, written once (rank 0), continuing the count
+
+    stage2 = torchrun("training_transformer.py", "--dataset-path", str(images), "--vqgan-checkpoint",
+                      str(run / "checkpoints" / "last.pt"), "--output-dir", str(tmp_path / "gpt"), "--n-layer", "1",
+                      "--n-head", "2", "--n-embd", "32", "--batch-size", "2", "--num-workers", "0", "--device", "cpu",
+                      "--max-steps", "2", "--val-fraction", "0.2", "--num-samples", "2", "--grad-accum", "2")
+    assert stage2.returncode == 0, stage2.stderr[-3000:]
+    assert "weights identical on all 2 processes" in stage2.stdout
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(images, tmp_path):
+    """A user error (here: the global batch is larger than the data) ends every process, exit 2
+    from the ranks, with the rank named; no hang."""
+    bad = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(tmp_path / "r"), *STAGE1,
+                   "--max-steps", "2", "--grad-accum", "4")
+    assert bad.returncode != 0 and "(rank 0 of 2)" in bad.stderr and "global batch" in bad.stderr
+
+
+def _config(tiny_cfg, batch_size):
+    return TrainVQGANConfig(model=tiny_cfg, perceptual_loss_factor=0, batch_size=batch_size, learning_rate=1e-3,
+                            disc_ndf=16, disc_layers=2, disc_start=10**9)
+
+
+def _worker(rank, world, init_file, tiny_cfg, x, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        seed_everything(0)
+        s = build_stage1(_config(tiny_cfg, x.shape[0] // world), torch.device("cpu"), None, DistInfo(rank, rank, world))
+        half = x.shape[0] // world
+        generator_step(s, x[rank * half:(rank + 1) * half], step=0)
+        torch.save({"state": {k: v.clone() for k, v in s.model.state_dict().items()},
+                    "grad": {k: p.grad.clone() for k, p in s.model.named_parameters() if p.grad is not None}},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_two_processes_of_batch_b_update_like_one_process_of_batch_2b(tiny_cfg, tmp_path, ema):
+    """Without the GAN term (BatchNorm statistics are per process) the generator's update is a
+    mean over the batch: DDP's averaged gradients (and the all-reduced EMA statistics) must
+    give the single-process update. Gradients are compared rather than Adam's first step, which
+    is lr * sign(g) and so flips on rounding noise where a gradient is ~0 (conv biases before
+    GroupNorm)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_cfg, codebook_ema=ema)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    out = str(tmp_path / "state")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), cfg, x, out), nprocs=2, join=True)
+    seed_everything(0)
+    single = build_stage1(_config(cfg, 4), torch.device("cpu"), None)
+    generator_step(single, x, step=0)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for name, value in single.model.state_dict().items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name  # identical replicas
+        if name.startswith("quantize."):  # the EMA codebook and its statistics (not moved by Adam)
+            torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    grads = {k: p.grad for k, p in single.model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ranks[0]["grad"])
+    for name, grad in grads.items():
+        torch.testing.assert_close(ranks[0]["grad"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
