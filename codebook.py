@@ -146,8 +146,11 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)  # (N, C)
             z_e = self.project_in(z_flat)  # (N, D)
-            if self.training:
-                self._prepare_codes(z_e.detach())
+            finite = None
+            if self.training and (self.kmeans_init or self.restart_after or self.ema_decay):
+                # a non-finite batch (its step will be skipped) must not reach the codebook
+                finite = _all_reduce_sum((~torch.isfinite(z_e.detach()).all()).float().reshape(1)) == 0
+                self._prepare_codes(z_e.detach(), finite)
             e = self.codes()  # (K, D)
             if self.ema_decay:
                 e = e.clone()  # the EMA update below rewrites the weight in place
@@ -166,8 +169,8 @@ class VectorQuantizer(nn.Module):
 
             e_q = z_e + (e_q - z_e).detach()  # straight-through estimator
             z_q = self.project_out(e_q).view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
-            if self.training:
-                self._update_codes(z_e.detach(), indices)
+            if finite is not None:
+                self._update_codes(z_e.detach(), indices, finite)
         return z_q, q_loss, indices.view(b, h, w)
 
     def entropy_loss(self, z_e: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -179,13 +182,13 @@ class VectorQuantizer(nn.Module):
         return per_vector + (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
 
     @torch.no_grad()
-    def _prepare_codes(self, z_e: torch.Tensor) -> None:
+    def _prepare_codes(self, z_e: torch.Tensor, finite: torch.Tensor) -> None:
         """Before the lookup: k-means init once enough encoder outputs are pooled, and restart
-        of dead codes from this batch's vectors."""
+        of dead codes from this batch's vectors (neither from a non-finite batch)."""
         if self.kmeans_init and not self._initted_cache:
             if bool(self.initted):
                 self._initted_cache, self._pool = True, []
-            else:
+            elif bool(finite):  # a host sync, only until the init is done
                 self._pool.append(z_e)
                 if sum(p.shape[0] for p in self._pool) >= 2 * self.n_embed:
                     centroids, counts = kmeans(torch.cat(self._pool), self.n_embed, spherical=self.l2_norm)
@@ -194,7 +197,7 @@ class VectorQuantizer(nn.Module):
                     self.initted.fill_(True)
                     self._initted_cache, self._pool = True, []
         if self.restart_after:
-            dead = self.unused_steps >= self.restart_after  # (K,) no host sync below
+            dead = (self.unused_steps >= self.restart_after) & finite  # (K,) no host sync below
             candidates = _broadcast(z_e[torch.randint(z_e.shape[0], (self.n_embed,), device=z_e.device)])
             self._set_codes(dead, candidates, torch.ones(self.n_embed, device=z_e.device))
             self.unused_steps.masked_fill_(dead, 0)
@@ -209,20 +212,20 @@ class VectorQuantizer(nn.Module):
             self.ema_embed_sum.copy_(torch.where(mask[:, None], vectors * counts[:, None], self.ema_embed_sum))
 
     @torch.no_grad()
-    def _update_codes(self, z_e: torch.Tensor, indices: torch.Tensor) -> None:
+    def _update_codes(self, z_e: torch.Tensor, indices: torch.Tensor, finite: torch.Tensor) -> None:
         """After the lookup: dead-code counters and the EMA update
             N <- d N + (1-d) n,   m <- d m + (1-d) sum(z),   e = m / ((N + eps) / (sum N + K eps) * sum N)
         with n the number of vectors assigned to each code in this batch (VQ-VAE, Appendix A.1)."""
         counts = None
         if self.restart_after or self.ema_decay:
-            counts = _all_reduce_sum(torch.bincount(indices, minlength=self.n_embed).float())
+            counts = _all_reduce_sum(torch.bincount(indices, minlength=self.n_embed).float()) * finite
         if self.restart_after:
-            self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+            self.unused_steps.add_(finite.long()).masked_fill_(counts > 0, 0)
         if self.ema_decay:
-            d = self.ema_decay
-            sums = _all_reduce_sum(torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_e))
-            self.ema_cluster_size.mul_(d).add_(counts, alpha=1 - d)
-            self.ema_embed_sum.mul_(d).add_(sums, alpha=1 - d)
+            d = torch.where(finite, self.ema_decay, 1.0)  # decay 1: a non-finite batch changes nothing
+            sums = _all_reduce_sum(torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_e.nan_to_num()))
+            self.ema_cluster_size.mul_(d).add_(counts * (1 - d))
+            self.ema_embed_sum.mul_(d).add_(sums * (1 - d))
             total = self.ema_cluster_size.sum()
             smoothed = (self.ema_cluster_size + EMA_EPS) / (total + self.n_embed * EMA_EPS) * total
             self.embedding.weight.copy_(self.ema_embed_sum / smoothed[:, None])

@@ -114,12 +114,16 @@ class RunConfig:
     tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
     compile: bool = _f(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT)")
     grad_accum: int = _f(1, "micro-batches of --batch-size per optimizer step (gradients synchronized on the last only)")
+    max_bad_fraction: float = _f(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
+    max_bad_steps: int = _f(20, "stop (after saving) when this many steps in a row had non-finite losses or gradients; each is skipped")
     scale_lr: bool = _f(False, "multiply --learning-rate by the global batch (batch size x processes x --grad-accum), as the reference does")
     val_batches: int = _f(50, "validation batches evaluated at each sample step (0: the whole validation split)")
 
     def __post_init__(self):
-        _require(self, dict(batch_size=1, grad_accum=1, epochs=1, max_steps=1, learning_rate=0.0, lr_warmup_steps=0, num_workers=0,
+        _require(self, dict(batch_size=1, grad_accum=1, max_bad_steps=1, epochs=1, max_steps=1, learning_rate=0.0, lr_warmup_steps=0, num_workers=0,
                             log_every=1, sample_every=1, save_every=1, keep_checkpoints=0, val_batches=0))
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise UserError(f"--max-bad-fraction {self.max_bad_fraction} is out of range: use a value in [0, 1].")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction} is out of range: use a value in [0, 1).")
 

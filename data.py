@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,11 +18,55 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import UserError
-from utils import warn
+from utils import check_bad_fraction, warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
 PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # the only decoders we let open a file
-BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# Pillow raises the bomb *error* above twice its pixel limit and only warns between one and two
+# times; we make the warning an error too (see _open), so every image over the limit is skipped.
+BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning)
+
+
+class SkipLog:
+    """The run folder's skipped_files.txt: one 'path<TAB>reason' line per file that could not
+    be used, each file listed once even when several data-loading workers or processes meet it
+    (the file is appended under an exclusive lock). Without a path it only remembers."""
+
+    def __init__(self, path=None):
+        self.path = None if path is None else Path(path)
+        self.seen: set[str] = set()
+        self.scanned = 0  # image files found in the dataset folder (set by check_images)
+
+    def add(self, file: str, reason: str) -> bool:
+        """Record a bad file; True the first time this process sees it (warn then)."""
+        if file in self.seen:
+            return False
+        self.seen.add(file)
+        if self.path is not None:
+            import fcntl
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                f.seek(0)
+                if file not in {line.split("\t", 1)[0] for line in f}:
+                    f.write(f"{file}\t{reason}\n")
+        return True
+
+    def count(self) -> int:
+        """Files listed so far (by every process), or seen by this one without a file."""
+        if self.path is None or not self.path.exists():
+            return len(self.seen)
+        with open(self.path) as f:
+            return sum(1 for _ in f)
+
+
+def _open(path: str):
+    """Image.open limited to known formats, with Pillow's decompression-bomb warning as an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path, formats=PIL_FORMATS)
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -45,7 +90,7 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
 
 
 def load_image(path: str) -> np.ndarray:
-    with Image.open(path, formats=PIL_FORMATS) as img:
+    with _open(path) as img:
         img.load()  # decodes fully here, so truncated files fail now
         return to_rgb_array(img)
 
@@ -64,25 +109,30 @@ def scan_images(root: str) -> list[str]:
 
 def _header_problem(path: str) -> Optional[str]:
     try:
-        with Image.open(path, formats=PIL_FORMATS) as img:
+        with _open(path) as img:
             img.size  # header only: cheap; full decode errors are caught when loading
         return None
     except BAD_IMAGE_ERRORS as e:
         return f"{type(e).__name__}: {e}"
 
 
-def check_images(paths: Sequence[str]) -> list[str]:
-    """Drop files whose header Pillow cannot read, with one warning naming each."""
+def check_images(paths: Sequence[str], skip_log: Optional[SkipLog] = None, max_bad_fraction: float = 1.0) -> list[str]:
+    """Drop files whose header Pillow cannot read (not an image, empty, an unsupported format,
+    over the decompression-bomb limit), with one warning naming each; list them in skip_log.
+    Too many bad files (over max_bad_fraction) is a UserError."""
+    skip_log = skip_log if skip_log is not None else SkipLog()
+    skip_log.scanned = len(paths)
     with ThreadPoolExecutor(max_workers=16) as pool:
         problems = list(pool.map(_header_problem, paths))
     good = []
     for path, problem in zip(paths, problems):
         if problem is None:
             good.append(path)
-        else:
+        elif skip_log.add(path, problem):
             warn(f"skipping {path}: not a readable image ({problem})")
     if not good:
         raise UserError(f"none of the {len(paths)} image files could be read; check the files in the dataset folder.")
+    check_bad_fraction(len(paths) - len(good), len(paths), max_bad_fraction, skip_log.path or "the warnings above")
     return good
 
 
@@ -111,16 +161,16 @@ class ImageDataset(Dataset):
     (the demo draws many random crops from a few photographs). Keys are (index, epoch) pairs from
     EpochSampler: each sample's augmentation is seeded by (seed, epoch, index), so a run sees the
     same pixels whatever the number of workers, different ones every epoch and in every worker,
-    and a resumed run continues exactly. A file that fails to decode is skipped with one warning
-    (per process) and the next item is used in its place.
+    and a resumed run continues exactly. A file that fails to decode (truncated, corrupt) is
+    listed in `skip_log` and warned about once, and the next item is used in its place.
     """
 
     def __init__(self, items: Sequence, transform, seed: int, length: Optional[int] = None, channels: int = 3,
-                 labels: Optional[Sequence[int]] = None):
+                 labels: Optional[Sequence[int]] = None, skip_log: Optional[SkipLog] = None):
         self.items, self.transform, self.seed = list(items), transform, seed
         self.length, self.channels = length or len(self.items), channels
         self.labels = None if labels is None else list(labels)
-        self._warned: set = set()
+        self.skip_log = skip_log if skip_log is not None else SkipLog()
 
     def __len__(self) -> int:
         return self.length
@@ -134,8 +184,7 @@ class ImageDataset(Dataset):
             try:
                 image = load_image(item) if isinstance(item, str) else item
             except BAD_IMAGE_ERRORS as e:
-                if item not in self._warned:
-                    self._warned.add(item)
+                if self.skip_log.add(item, f"{type(e).__name__}: {e}"):
                     warn(f"skipping {item}: cannot decode it ({type(e).__name__}: {e})")
                 continue
             self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
@@ -192,9 +241,12 @@ def _seed_worker(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, num_workers: int,
                 drop_last: bool, pin_memory: bool = False) -> DataLoader:
+    # The loader draws its workers' base seed from its own generator: starting an iterator
+    # (each epoch, each validation pass, after a resume) then leaves the global torch RNG alone,
+    # which a resumed run needs to continue exactly. The data itself is seeded per sample.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_seed_worker,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(sampler.seed))
 
 
 # Colour photographs that ship inside scikit-image's wheel (no download).
@@ -251,11 +303,13 @@ def class_names(paths: Sequence[str], root: str) -> list[str]:
 
 
 def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: bool, val_fraction: float,
-                   seed: int, augment: bool = True, classes: Optional[list[str]] = None, demo_length: int = 2048
+                   seed: int, augment: bool = True, classes: Optional[list[str]] = None, demo_length: int = 2048,
+                   skip_log: Optional[SkipLog] = None, max_bad_fraction: float = 1.0
                    ) -> tuple[ImageDataset, ImageDataset, str]:
     """(train, val, description) for a folder of images or, without a path, the demo photos.
     Training crops are random (augment) or central. With `classes` (a list, filled here from
-    the first-level subfolders when empty), items come with integer labels."""
+    the first-level subfolders when empty), items come with integer labels. Unusable files go
+    to skip_log; more than max_bad_fraction of them is a UserError."""
     if dataset_path is None:
         if classes is not None:
             raise UserError("a class-conditional run needs --dataset-path with one subfolder per class; "
@@ -269,7 +323,7 @@ def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: 
         val = demo_validation(val_parts, size, channels, seed)
         return train, val, (f"demo: random {size}x{size} crops of {len(DEMO_IMAGES)} scikit-image photographs "
                             f"(validation: crops of a held-out strip of each)")
-    paths = check_images(scan_images(dataset_path))
+    paths = check_images(scan_images(dataset_path), skip_log, max_bad_fraction)
     train_paths, val_paths = split_files(paths, val_fraction, seed)
     label = lambda ps: None  # noqa: E731
     if classes is not None:
@@ -281,8 +335,9 @@ def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: 
         index = {name: i for i, name in enumerate(found)}
         label = lambda ps: [index[Path(p).relative_to(dataset_path).parts[0]] for p in ps]  # noqa: E731
     train = ImageDataset(train_paths, build_transform(size, augment, flip and augment), seed, channels=channels,
-                         labels=label(train_paths))
-    val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels, labels=label(val_paths))
+                         labels=label(train_paths), skip_log=skip_log)
+    val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels, labels=label(val_paths),
+                       skip_log=skip_log)
     return train, val, f"{dataset_path}: {len(train_paths)} training and {len(val_paths)} validation images"
 
 

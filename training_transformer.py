@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -24,10 +25,11 @@ from tqdm import tqdm
 
 from config import TrainTransformerConfig, UserError, config_to_dict, parse_train_transformer
 from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
-from data import EpochSampler, epoch_batches, image_datasets, make_loader
-from utils import (MeanMeter, RunFolder, autocast, barrier, describe_batch, global_batch, is_main_process,
-                   load_checkpoint, log, lr_at, replicas_identical, resolve_precision, rng_state, run_cli,
-                   save_sample_grid, scaled_lr, seed_everything, set_rng_state, setup_distributed, warn)
+from data import EpochSampler, SkipLog, epoch_batches, image_datasets, make_loader
+from utils import (MeanMeter, RunFolder, TrainingGuard, all_finite, autocast, barrier, describe_batch,
+                   global_batch, is_main_process, load_checkpoint, log, lr_at, replicas_identical, resolve_precision,
+                   rng_state, run_cli, save_sample_grid, scaled_lr, seed_everything, set_rng_state,
+                   setup_distributed, warn)
 from vqgan import VQGAN
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -105,6 +107,12 @@ def train_step(s: Stage2, batch, step: int) -> dict:
             s.scaler.scale(loss / len(micro)).backward()
         meter.add({"loss": loss})
     logs = meter.means()
+    ok = all_finite([logs["loss"]], s.model.gpt.parameters(), check_grads=not s.scaler.is_enabled())
+    logs["skipped"] = torch.tensor(0.0 if ok else 1.0)
+    if not ok:  # no update from a non-finite loss or gradient
+        s.opt.zero_grad(set_to_none=True)
+        warn(f"step {step} skipped (no update): non-finite loss or gradients; loss={logs['loss'].item():.4g}")
+        return logs
     if cfg.grad_clip > 0:
         s.scaler.unscale_(s.opt)
         logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(s.model.gpt.parameters(), cfg.grad_clip)
@@ -180,8 +188,10 @@ def main(cfg: TrainTransformerConfig) -> dict:
     mc = vqgan.config
     # filled from the subfolders; a resumed run must find the same classes
     classes = (list(resumed["classes"]) if resumed else []) if cfg.conditional else None
+    skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
     train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.augment,
-                                                   cfg.val_fraction, cfg.seed, augment=cfg.augment, classes=classes)
+                                                   cfg.val_fraction, cfg.seed, augment=cfg.augment, classes=classes,
+                                                   skip_log=skip_log, max_bad_fraction=cfg.max_bad_fraction)
     classes = classes or []
     if len(train_ds) < global_batch(cfg, dist_info):
         raise UserError(f"the global batch ({cfg.batch_size} x {dist_info.world_size} processes x {cfg.grad_accum} "
@@ -244,27 +254,31 @@ def main(cfg: TrainTransformerConfig) -> dict:
     model.train()
     main_process = is_main_process()
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not main_process)
-    meter = MeanMeter()
-    for epoch, group in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader, cfg.grad_accum):
-        meter.add(train_step(s, group, step))
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
-            metrics = meter.flush()
-            metrics.update(epoch=epoch, lr=lr_at(step - 1, lr, cfg.lr_warmup_steps, total_steps, "cosine"),
-                           tokens_per_s=global_batch(cfg, dist_info) * gpt_cfg.block_size / metrics["step_time"])
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            run.log_metrics(step, metrics)
-        if step % cfg.sample_every == 0 or step == total_steps:
-            if main_process:  # the other processes wait at the barrier
-                val = evaluate_loss(s, val_loader, cfg.val_batches)
-                if val is not None:
-                    run.log_metrics(step, {"val_loss": val})
-                with autocast(device, amp_dtype):
-                    sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{step:07d}.png", generator)
-            barrier()
-        if step % cfg.save_every == 0 or step == total_steps:
-            run.save(checkpoint_dict(s, step), step)
+    meter, guard = MeanMeter(), TrainingGuard(cfg, run, device, skip_log)
+    with guard:  # the signal handlers are restored however the loop ends
+        for epoch, group in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader, cfg.grad_accum):
+            logs = train_step(s, group, step)
+            meter.add(logs)
+            step += 1
+            bar.update(1)
+            guard.after_step(step, bool(logs["skipped"]), lambda: checkpoint_dict(s, step))
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics = meter.flush()
+                metrics.update(epoch=epoch, lr=lr_at(step - 1, lr, cfg.lr_warmup_steps, total_steps, "cosine"),
+                               tokens_per_s=global_batch(cfg, dist_info) * gpt_cfg.block_size / metrics["step_time"])
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                run.log_metrics(step, metrics)
+            if step % cfg.sample_every == 0 or step == total_steps:
+                if main_process:  # the other processes wait at the barrier
+                    val = evaluate_loss(s, val_loader, cfg.val_batches)
+                    if val is not None:
+                        run.log_metrics(step, {"val_loss": val})
+                    with autocast(device, amp_dtype):
+                        sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{step:07d}.png", generator)
+                barrier()
+            if guard.save_or_stop(step, step % cfg.save_every == 0 or step == total_steps,
+                                  lambda: checkpoint_dict(s, step)):
+                break
     bar.close()
     if dist_info.enabled:
         same = replicas_identical(model.gpt)
@@ -272,7 +286,7 @@ def main(cfg: TrainTransformerConfig) -> dict:
     log(f"checkpoint: {run.last}; samples (rows: inputs, reconstructions, half completions, samples): "
         f"{run.sample_dir}")
     run.close()
-    return {"step": step}
+    return {"step": step, "stopped_by": guard.signal}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -27,10 +28,11 @@ from config import TrainVQGANConfig, UserError, config_to_dict, parse_train_vqga
 from discriminator import D_LOSSES, NLayerDiscriminator, adaptive_weight_from_output_grads, generator_loss
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
-from data import EpochSampler, epoch_batches, image_datasets, make_loader
-from utils import (DistInfo, MeanMeter, RunFolder, autocast, barrier, describe_batch, global_batch, is_main_process,
-                   load_checkpoint, log, lr_at, replicas_identical, resolve_precision, rng_state, run_cli, scaled_lr,
-                   save_sample_grid, seed_everything, set_rng_state, setup_distributed, warn)
+from data import EpochSampler, SkipLog, epoch_batches, image_datasets, make_loader
+from utils import (DistInfo, MeanMeter, RunFolder, TrainingGuard, all_finite, autocast, barrier,
+                   describe_batch, global_batch, is_main_process, load_checkpoint, log, lr_at, replicas_identical,
+                   resolve_precision, rng_state, run_cli, save_sample_grid, scaled_lr,
+                   seed_everything, set_rng_state, setup_distributed, warn)
 from vqgan import VQGAN
 
 
@@ -73,6 +75,19 @@ def frozen(module: nn.Module):
             p.requires_grad_(f)
 
 
+def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, params) -> bool:
+    """Step `opt` unless the loss or a gradient is non-finite (then its gradients are dropped
+    and nothing changes); under fp16 the GradScaler handles overflowing gradients itself, so
+    only the loss is checked there. True when it stepped."""
+    ok = all_finite([loss], params, check_grads=not scaler.is_enabled())
+    if ok:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.zero_grad(set_to_none=True)
+    return ok
+
+
 def generator_step(s: Stage1, x, step: int):
     """One optimizer step of encoder, codebook and decoder over one batch, or over a list of
     micro-batches whose gradients are accumulated (--grad-accum). Returns (logs, x_rec, indices),
@@ -94,9 +109,10 @@ def generator_step(s: Stage1, x, step: int):
         logs.add(step_logs)
         x_recs.append(x_rec)
         indices.append(idx)
-    s.scaler_g.step(s.opt_g)
-    s.scaler_g.update()
-    return logs.means(), (x_recs if isinstance(x, (list, tuple)) else x_recs[0]), torch.cat(indices)
+    logs = logs.means()
+    ok = apply_update(s.opt_g, s.scaler_g, logs["loss"], s.model.parameters())
+    logs["skipped"] = torch.tensor(0.0 if ok else 1.0)
+    return logs, (x_recs if isinstance(x, (list, tuple)) else x_recs[0]), torch.cat(indices)
 
 
 def generator_backward(s: Stage1, x: torch.Tensor, step: int, weight: float = 1.0):
@@ -155,9 +171,10 @@ def discriminator_step(s: Stage1, x, x_rec, step: int) -> dict:
                 d_loss = s.cfg.disc_factor * D_LOSSES[s.cfg.disc_loss](logits_real, logits_fake)
             s.scaler_d.scale(d_loss / len(xs)).backward()
         logs.add(dict(d_loss=d_loss, logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean()))
-    s.scaler_d.step(s.opt_d)
-    s.scaler_d.update()
-    return logs.means()
+    logs = logs.means()
+    ok = apply_update(s.opt_d, s.scaler_d, logs["d_loss"], s.disc.parameters())
+    logs["d_skipped"] = torch.tensor(0.0 if ok else 1.0)
+    return logs
 
 
 def train_step(s: Stage1, x, step: int) -> dict:
@@ -168,7 +185,14 @@ def train_step(s: Stage1, x, step: int) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
     logs, x_rec, indices = generator_step(s, x, step)
-    logs.update(discriminator_step(s, x, x_rec, step))
+    if logs["skipped"]:  # a non-finite batch: the discriminator does not learn from it either
+        warn(f"step {step} skipped (no update): non-finite loss or gradients; "
+             + ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items() if k != "skipped"))
+    else:
+        logs.update(discriminator_step(s, x, x_rec, step))
+        if logs.get("d_skipped", 0):
+            warn(f"step {step}: discriminator update skipped, non-finite d_loss={logs['d_loss'].item():.4g}")
+            logs["skipped"] = logs["d_skipped"]
     logs.update(s.usage.update(indices))
     if s.model.config.codebook_restart_after:
         logs["codes_restarted"] = s.model.quantize.restarted
@@ -293,8 +317,10 @@ def main(cfg: TrainVQGANConfig) -> dict:
     seed_everything(cfg.seed)
 
     mc = cfg.model
+    skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
     train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.flip,
-                                                   cfg.val_fraction, cfg.seed)
+                                                   cfg.val_fraction, cfg.seed, skip_log=skip_log,
+                                                   max_bad_fraction=cfg.max_bad_fraction)
     if len(train_ds) < global_batch(cfg, dist_info):
         raise UserError(f"the global batch ({cfg.batch_size} x {dist_info.world_size} processes x {cfg.grad_accum} "
                         f"accumulated) is larger than the {len(train_ds)} training images: lower --batch-size or "
@@ -332,40 +358,44 @@ def main(cfg: TrainVQGANConfig) -> dict:
     s.model.train()
     s.disc.train()
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not main_process)
-    meter = MeanMeter()
-    for epoch, group in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader, cfg.grad_accum):
-        meter.add(train_step(s, [x.to(device, non_blocking=True) for x in group], step))
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
-            metrics = meter.flush()
-            metrics.update(epoch=epoch, lr=lr_at(step - 1, s.learning_rate, cfg.lr_warmup_steps),
-                           images_per_s=global_batch(cfg, dist_info) / metrics["step_time"])
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage", "usage_window")})
-            run.log_metrics(step, metrics)
-        if step % cfg.sample_every == 0 or step == total_steps:
-            if main_process:
-                with torch.no_grad(), autocast(device, s.amp_dtype):
-                    s.model.eval()
-                    rec = s.model(fixed)[0]
-                    s.model.train()
-                save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
-                psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
-                if psnr_after is not None:
-                    run.log_metrics(step, {"val_psnr": psnr_after})
-            barrier()
-        if step % cfg.save_every == 0 or step == total_steps:
-            run.save(checkpoint_dict(s, step), step)
+    meter, guard = MeanMeter(), TrainingGuard(cfg, run, device, skip_log)
+    with guard:  # the signal handlers are restored however the loop ends
+        for epoch, group in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader, cfg.grad_accum):
+            logs = train_step(s, [x.to(device, non_blocking=True) for x in group], step)
+            meter.add(logs)
+            step += 1
+            bar.update(1)
+            guard.after_step(step, bool(logs["skipped"]), lambda: checkpoint_dict(s, step))
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics = meter.flush()
+                metrics.update(epoch=epoch, lr=lr_at(step - 1, s.learning_rate, cfg.lr_warmup_steps),
+                               images_per_s=global_batch(cfg, dist_info) / metrics["step_time"])
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage", "usage_window")})
+                run.log_metrics(step, metrics)
+            if step % cfg.sample_every == 0 or step == total_steps:
+                if main_process:
+                    with torch.no_grad(), autocast(device, s.amp_dtype):
+                        s.model.eval()
+                        rec = s.model(fixed)[0]
+                        s.model.train()
+                    save_sample_grid([fixed, rec], run.sample_dir / f"step_{step:07d}.png")
+                    psnr_after = evaluate_psnr(s, val_loader, cfg.val_batches)
+                    if psnr_after is not None:
+                        run.log_metrics(step, {"val_psnr": psnr_after})
+                barrier()
+            if guard.save_or_stop(step, step % cfg.save_every == 0 or step == total_steps,
+                                  lambda: checkpoint_dict(s, step)):
+                break
     bar.close()
 
     if dist_info.enabled:
         same = replicas_identical(s.model) and replicas_identical(s.disc, buffers=False)
         (log if same else warn)(f"weights {'identical' if same else 'DIFFER'} on all {dist_info.world_size} processes")
-    if psnr_after is not None:  # measured at the last step
+    if psnr_after is not None and guard.signal is None:  # measured at the last step
         log(f"validation PSNR after {step} steps: {psnr_after:.2f} dB (before: {psnr_before:.2f} dB)")
     log(f"checkpoint: {run.last}; samples: {run.sample_dir}")
     run.close()
-    return {"step": step, "psnr_before": psnr_before, "psnr_after": psnr_after}
+    return {"step": step, "psnr_before": psnr_before, "psnr_after": psnr_after, "stopped_by": guard.signal}
 
 
 if __name__ == "__main__":

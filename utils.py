@@ -11,6 +11,8 @@ import math
 import os
 import pickle
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -134,6 +136,136 @@ def run_cli(main: Callable, parse: Callable) -> None:
         sys.exit(2)
     finally:
         cleanup_distributed()
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask the training loop to finish its current step, save and exit 0
+    instead of dying mid-step; a second SIGINT stops at once. Under torchrun every process
+    stops at the same step (the request is all-reduced once per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.signal, self._previous = device, None, {}
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only go there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        log(f"\n{self.signal} received: finishing the current step, then saving a checkpoint"
+            + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""))
+
+    def requested(self) -> bool:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([float(self.signal is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+        return self.signal is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def check_bad_fraction(n_bad: int, n_total: int, max_bad_fraction: float, where) -> None:
+    """A UserError when more than max_bad_fraction of the image files could not be used."""
+    if n_total and n_bad / n_total > max_bad_fraction:
+        raise UserError(f"{n_bad} of {n_total} image files could not be used ({100 * n_bad / n_total:.1f}%, more than "
+                        f"--max-bad-fraction {max_bad_fraction:g}); they are listed in {where}. Fix or remove them, "
+                        "or raise --max-bad-fraction.")
+
+
+class TrainingGuard:
+    """What both training loops check after every step: runs of skipped non-finite steps
+    (--max-bad-steps), the share of image files that failed to decode (--max-bad-fraction,
+    from the run's skip log) and SIGINT/SIGTERM (StopRequest). Each stop saves a checkpoint
+    first. A context manager: the signal handlers are restored on leaving it."""
+
+    def __init__(self, cfg, run: "RunFolder", device: torch.device, skip_log):
+        self.cfg, self.run, self.device, self.skip_log = cfg, run, device, skip_log
+        self.stop, self.bad_run = StopRequest(device), 0
+
+    def __enter__(self) -> "TrainingGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.restore()
+
+    @property
+    def signal(self) -> Optional[str]:
+        return self.stop.signal
+
+    def after_step(self, step: int, skipped: bool, checkpoint: Callable[[], dict]) -> None:
+        """Raise a UserError (after saving) when too many steps in a row were skipped or too
+        many files turned out bad."""
+        cfg = self.cfg
+        self.bad_run = self.bad_run + 1 if skipped else 0
+        if self.bad_run >= cfg.max_bad_steps:
+            self.run.save(checkpoint(), step)
+            raise UserError(f"training stopped at step {step}: {self.bad_run} steps in a row had non-finite losses or "
+                            f"gradients (see the warnings above). {self.run.last} holds the last finite weights. "
+                            "Lower --learning-rate, train with --precision fp32 or bf16, or check the data, then "
+                            "continue with --resume latest.")
+        if step % cfg.log_every == 0 and self.skip_log.scanned:  # files that failed to decode while training
+            n_bad = int(all_reduce_max(self.skip_log.count(), self.device))
+            if n_bad / self.skip_log.scanned > cfg.max_bad_fraction:
+                self.run.save(checkpoint(), step)
+                check_bad_fraction(n_bad, self.skip_log.scanned, cfg.max_bad_fraction, self.skip_log.path)
+
+    def save_or_stop(self, step: int, due: bool, checkpoint: Callable[[], dict]) -> bool:
+        """Save when due or when a stop signal came (on any process); True to stop, after
+        saying how to resume."""
+        stop = self.stop.requested()
+        if due or stop:
+            self.run.save(checkpoint(), step)
+        if not stop:
+            return False
+        log(f"stopped by {self.signal or 'a signal on another process'} at step {step}; checkpoint {self.run.last}.\n"
+            f"Resume with: {resume_command()}")
+        return True
+
+
+def resume_command() -> str:
+    """The command line of this run with --resume latest (for the message after a stop)."""
+    args = list(sys.argv)
+    if "--resume" in args:
+        i = args.index("--resume")
+        del args[i:i + 2]
+    args = [a for a in args if not a.startswith("--resume=")]
+    return " ".join(shlex.quote(a) for a in ["python", *args, "--resume", "latest"])
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest of the processes' values (the value itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def all_finite(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor], check_grads: bool = True) -> bool:
+    """Whether every loss and (with check_grads) every gradient is finite, on every process.
+    One host sync; called once per optimizer step."""
+    import torch.distributed as dist
+
+    flags = [torch.isfinite(torch.stack([loss.detach().float() for loss in losses])).all()]
+    grads = [p.grad for p in params if p.grad is not None] if check_grads else []
+    if grads:
+        flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    ok = torch.stack(flags).all().float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 # ---------------------------------------------------------------------- device and precision

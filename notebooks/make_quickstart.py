@@ -18,7 +18,7 @@ cells = [
 This notebook uses the two demo runs (`python training_vqgan.py`, then `python training_transformer.py`)
 to show the public API: encode images to code indices, decode them back, and sample new token grids
 with the stage-2 transformer. The outputs stored here come from those tiny CPU demo models
-(64x64 images, 8x8 tokens, 512 codes), so expect blurry pictures; the calls are the same for
+(64x64 images, 8x8 tokens, 1024 codes), so expect blurry pictures; the calls are the same for
 full-size models and for the official taming-transformers checkpoints."""),
     ("code", """import os, sys
 if os.path.basename(os.getcwd()) == "notebooks":  # run from the repository root

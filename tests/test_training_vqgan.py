@@ -114,12 +114,14 @@ def test_cli_trains_on_a_folder_with_bad_files_and_resumes(tmp_path):
     (data / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (data / "readme.png").write_text("not an image")
     out = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--max-bad-fraction", "0.5"]  # 2 of the 8 files are bad
     r = cli("--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "3", "--disc-start", "2",
-            "--log-every", "1", "--sample-every", "3", "--save-every", "2", *TINY_FLAGS)
+            "--log-every", "1", "--sample-every", "3", "--save-every", "2", *flags)
     assert r.returncode == 0, r.stderr
     assert str(data / "corrupt.jpg") in r.stderr and str(data / "readme.png") in r.stderr
     assert "validation PSNR before training" in r.stdout and "validation PSNR after 3 steps" in r.stdout
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "metrics.jsonl", "samples"]
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "metrics.jsonl", "samples", "skipped_files.txt"]
+    assert (out / "skipped_files.txt").read_text().count("\n") == 2
     assert sorted(os.listdir(out / "checkpoints")) == ["last.pt", "step_0000002.pt", "step_0000003.pt"]
     assert os.listdir(out / "samples") == ["step_0000003.png"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -140,18 +142,18 @@ def test_cli_trains_on_a_folder_with_bad_files_and_resumes(tmp_path):
     assert model(torch.zeros(1, 3, 16, 16))[1].shape == (1, 8, 8)
 
     # a second run into the same folder must not overwrite it ...
-    r = cli("--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "5", *TINY_FLAGS)
+    r = cli("--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "5", *flags)
     assert r.returncode == 2 and "--resume latest" in r.stderr and "Traceback" not in r.stderr
     # ... and --resume latest continues the step count
     r = cli("--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "5", "--resume", "latest",
-            "--log-every", "1", *TINY_FLAGS)
+            "--log-every", "1", *flags)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4, 5]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 5
     # resuming with another architecture is refused with the difference named
     r = cli("--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "6", "--resume", "latest",
-            *TINY_FLAGS, "--num-codebook-vectors", "64")
+            *flags, "--num-codebook-vectors", "64")
     assert r.returncode == 2 and "n_embed=32 (flags say 64)" in r.stderr
     assert json.loads((out / "config.json").read_text())["model"]["n_embed"] == 32  # the run folder is untouched
 
