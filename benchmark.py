@@ -188,12 +188,12 @@ def bench_gpt(args: argparse.Namespace, device: torch.device) -> dict:
     result = {"command": "gpt", "preset": args.preset, "gpt_preset": args.gpt_preset, "batch_size": args.batch_size,
               "tokens_per_sequence": h * h, "n_layer": tcfg.model.n_layer, "n_embd": tcfg.model.n_embd,
               "parameters_m": sum(p.numel() for p in model.gpt.parameters()) / 1e6}
-    m = measure(lambda: train_step(s, tokens, 0), device, args.steps, args.warmup)
+    m = measure(lambda: train_step(s, [tokens], 0), device, args.steps, args.warmup)
     result.update(step_ms=m["median_ms"], tokens_per_s=per_step * 1000 / m["median_ms"],
                   peak_memory_gib=m["peak_memory_gib"])
     if args.compare:
         with sdpa_kernel(SDPBackend.MATH):  # attention by the explicit formula
-            r = measure(lambda: train_step(s, tokens, 0), device, args.steps, args.warmup)
+            r = measure(lambda: train_step(s, [tokens], 0), device, args.steps, args.warmup)
         result.update(reference_step_ms=r["median_ms"], reference_tokens_per_s=per_step * 1000 / r["median_ms"],
                       speedup=r["median_ms"] / m["median_ms"])
     return result

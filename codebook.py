@@ -195,6 +195,8 @@ class VectorQuantizer(nn.Module):
                     self._set_codes(torch.ones(self.n_embed, dtype=torch.bool, device=z_e.device),
                                     _broadcast(centroids), _broadcast(counts).clamp_min(1.0))
                     self.initted.fill_(True)
+                    if self.restart_after:  # the new codes get their full grace period
+                        self.unused_steps.zero_()
                     self._initted_cache, self._pool = True, []
         if self.restart_after:
             dead = (self.unused_steps >= self.restart_after) & finite  # (K,) no host sync below
@@ -223,7 +225,8 @@ class VectorQuantizer(nn.Module):
             self.unused_steps.add_(finite.long()).masked_fill_(counts > 0, 0)
         if self.ema_decay:
             d = torch.where(finite, self.ema_decay, 1.0)  # decay 1: a non-finite batch changes nothing
-            sums = _all_reduce_sum(torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_e.nan_to_num()))
+            z_ok = torch.where(finite[:, None], z_e.nan_to_num(0.0, 0.0, 0.0), 0.0)  # no inf * 0 below
+            sums = _all_reduce_sum(torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_ok))
             self.ema_cluster_size.mul_(d).add_(counts * (1 - d))
             self.ema_embed_sum.mul_(d).add_(sums * (1 - d))
             total = self.ema_cluster_size.sum()

@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"--image-size {size} is not a positive multiple of the model's downsampling factor "
                         f"{cfg.downsample_factor}.")
     if size < 11:
-        raise UserError(f"--image-size {size} is too small for SSIM's 11x11 window: use at least 16.")
+        raise UserError(f"--image-size {size} is too small for SSIM's 11x11 window: use at least 11.")
     dataset, description = build_dataset(args, size, cfg.in_channels)
     fid = None
     if args.inception_weights is not None:

@@ -28,7 +28,7 @@ from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
 from data import EpochSampler, SkipLog, epoch_batches, image_datasets, make_loader
 from utils import (MeanMeter, RunFolder, TrainingGuard, all_finite, autocast, barrier, describe_batch,
                    global_batch, is_main_process, load_checkpoint, log, lr_at, replicas_identical, resolve_precision,
-                   rng_state, run_cli, save_sample_grid, scaled_lr, seed_everything, set_rng_state,
+                   run_rng_state, run_cli, save_sample_grid, scaled_lr, seed_everything, set_run_rng_state,
                    setup_distributed, warn)
 from vqgan import VQGAN
 
@@ -85,11 +85,10 @@ def to_tokens(s: Stage2, x: torch.Tensor) -> torch.Tensor:
     return x.long() if not x.is_floating_point() else s.model.encode_to_indices(x)
 
 
-def train_step(s: Stage2, batch, step: int) -> dict:
-    """One optimizer step on a batch, or on a list of micro-batches whose gradients are
-    accumulated (synchronized across processes on the last one only)."""
+def train_step(s: Stage2, micro: list, step: int) -> dict:
+    """One optimizer step over a list of loader batches (micro-batches; their gradients are
+    accumulated and synchronized across processes on the last one only)."""
     cfg = s.cfg
-    micro = list(batch) if isinstance(batch, list) else [batch]
     lr = lr_at(step, s.learning_rate or cfg.learning_rate, cfg.lr_warmup_steps, s.total_steps, "cosine")
     for group in s.opt.param_groups:
         group["lr"] = lr
@@ -161,7 +160,7 @@ def checkpoint_dict(s: Stage2, step: int) -> dict:
             "model": m.gpt.state_dict(), "model_config": config_to_dict(m.gpt.config),
             "vqgan": m.vqgan.state_dict(), "vqgan_config": config_to_dict(m.vqgan.config),
             "classes": list(m.classes), "optimizer": s.opt.state_dict(), "scaler": s.scaler.state_dict(),
-            "train_config": config_to_dict(s.cfg), "rng": rng_state()}
+            "train_config": config_to_dict(s.cfg), "rng": run_rng_state()}
 
 
 def main(cfg: TrainTransformerConfig) -> dict:
@@ -183,7 +182,7 @@ def main(cfg: TrainTransformerConfig) -> dict:
     if cfg.sos_token is not None:
         warn(f"--sos-token {cfg.sos_token} is ignored: the start token has its own id after the codes and "
              "classes, so it never collides with code ids.")
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
 
     mc = vqgan.config
     # filled from the subfolders; a resumed run must find the same classes
@@ -233,7 +232,7 @@ def main(cfg: TrainTransformerConfig) -> dict:
         model.gpt.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
         s.scaler.load_state_dict(resumed["scaler"])
-        set_rng_state(resumed["rng"])
+        set_run_rng_state(resumed["rng"])
         step = int(resumed["step"])
 
     loader = make_loader(train_ds, sampler, cfg.batch_size, cfg.num_workers, drop_last=True,

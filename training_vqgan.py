@@ -31,8 +31,8 @@ from metrics import psnr
 from data import EpochSampler, SkipLog, epoch_batches, image_datasets, make_loader
 from utils import (DistInfo, MeanMeter, RunFolder, TrainingGuard, all_finite, autocast, barrier,
                    describe_batch, global_batch, is_main_process, load_checkpoint, log, lr_at, replicas_identical,
-                   resolve_precision, rng_state, run_cli, save_sample_grid, scaled_lr,
-                   seed_everything, set_rng_state, setup_distributed, warn)
+                   resolve_precision, run_rng_state, run_cli, save_sample_grid, scaled_lr,
+                   seed_everything, set_run_rng_state, setup_distributed, warn)
 from vqgan import VQGAN
 
 
@@ -75,11 +75,11 @@ def frozen(module: nn.Module):
             p.requires_grad_(f)
 
 
-def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, params) -> bool:
-    """Step `opt` unless the loss or a gradient is non-finite (then its gradients are dropped
-    and nothing changes); under fp16 the GradScaler handles overflowing gradients itself, so
-    only the loss is checked there. True when it stepped."""
-    ok = all_finite([loss], params, check_grads=not scaler.is_enabled())
+def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, losses: list, params) -> bool:
+    """Step `opt` unless a loss or a gradient is non-finite (then its gradients are dropped and
+    nothing changes); under fp16 the GradScaler handles overflowing gradients itself, so only
+    the losses are checked there. True when it stepped."""
+    ok = all_finite(losses, params, check_grads=not scaler.is_enabled())
     if ok:
         scaler.step(opt)
         scaler.update()
@@ -110,7 +110,10 @@ def generator_step(s: Stage1, x, step: int):
         x_recs.append(x_rec)
         indices.append(idx)
     logs = logs.means()
-    ok = apply_update(s.opt_g, s.scaler_g, logs["loss"], s.model.parameters())
+    # The loss terms, not the weighted total: under fp16 an overflow in the adaptive weight's
+    # gradients makes d_weight NaN, which is the GradScaler's to handle (skip and back off).
+    terms = [logs[k] for k in ("rec_loss", "p_loss", "q_loss", "g_loss")]
+    ok = apply_update(s.opt_g, s.scaler_g, terms, s.model.parameters())
     logs["skipped"] = torch.tensor(0.0 if ok else 1.0)
     return logs, (x_recs if isinstance(x, (list, tuple)) else x_recs[0]), torch.cat(indices)
 
@@ -134,8 +137,9 @@ def generator_backward(s: Stage1, x: torch.Tensor, step: int, weight: float = 1.
         else:  # before --disc-start the discriminator does no work at all
             g_loss = zero
     # Under fp16 the losses are scaled before differentiation, so small gradients do not
-    # underflow; the ratio in the adaptive weight is unchanged by the common scale.
-    scale = (s.scaler_g.get_scale() if s.scaler_g.is_enabled() else 1.0) * weight
+    # underflow; the ratio in the adaptive weight is unchanged by the common scale. scale() also
+    # creates the GradScaler's scale tensor on first use (a tensor: no host sync).
+    scale = s.scaler_g.scale(torch.ones((), device=x.device)) * weight
     if gan:
         grad_nll, = torch.autograd.grad(nll_loss * scale, x_rec, retain_graph=True)
         grad_gan, = torch.autograd.grad(g_loss * scale, x_rec, retain_graph=True)
@@ -172,7 +176,7 @@ def discriminator_step(s: Stage1, x, x_rec, step: int) -> dict:
             s.scaler_d.scale(d_loss / len(xs)).backward()
         logs.add(dict(d_loss=d_loss, logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean()))
     logs = logs.means()
-    ok = apply_update(s.opt_d, s.scaler_d, logs["d_loss"], s.disc.parameters())
+    ok = apply_update(s.opt_d, s.scaler_d, [logs["d_loss"]], s.disc.parameters())
     logs["d_skipped"] = torch.tensor(0.0 if ok else 1.0)
     return logs
 
@@ -248,7 +252,7 @@ def checkpoint_dict(s: Stage1, step: int) -> dict:
             "discriminator": s.disc.state_dict(),
             "opt_g": s.opt_g.state_dict(), "opt_d": s.opt_d.state_dict(),
             "scaler_g": s.scaler_g.state_dict(), "scaler_d": s.scaler_d.state_dict(),
-            "train_config": config_to_dict(s.cfg), "rng": rng_state()}
+            "train_config": config_to_dict(s.cfg), "rng": run_rng_state()}
 
 
 def load_resume(path: str, cfg: TrainVQGANConfig) -> dict:
@@ -274,7 +278,7 @@ def restore(s: Stage1, ckpt: dict) -> int:
     s.opt_d.load_state_dict(ckpt["opt_d"])
     s.scaler_g.load_state_dict(ckpt["scaler_g"])
     s.scaler_d.load_state_dict(ckpt["scaler_d"])
-    set_rng_state(ckpt["rng"])
+    set_run_rng_state(ckpt["rng"])
     return int(ckpt["step"])
 
 
@@ -314,7 +318,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
     device, dist_info = setup_distributed(cfg.device)
     resume_path = RunFolder.resume_path(cfg.output_dir, cfg.resume)
     resumed = load_resume(resume_path, cfg) if resume_path else None
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
 
     mc = cfg.model
     skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")

@@ -144,7 +144,7 @@ class StopRequest:
     stops at the same step (the request is all-reduced once per step)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.signal, self._previous = device, None, {}
+        self.device, self.signal, self._previous, self._pid = device, None, {}, os.getpid()
         import threading
 
         if threading.current_thread() is threading.main_thread():  # handlers can only go there
@@ -152,12 +152,16 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a data-loading worker forked with the handler: the main process decides
+            return
         if self.signal is not None and signum == signal.SIGINT:
             self.restore()
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        log(f"\n{self.signal} received: finishing the current step, then saving a checkpoint"
-            + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""))
+        if is_main_process():  # os.write: print() inside a signal handler can fail if it interrupted a print
+            os.write(sys.stdout.fileno(), (f"\n{self.signal} received: finishing the current step, then saving a "
+                                           "checkpoint" + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT
+                                                           else "") + "\n").encode())
 
     def requested(self) -> bool:
         import torch.distributed as dist
@@ -320,6 +324,30 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def run_rng_state() -> dict:
+    """rng_state() of this process and, under torchrun, under "ranks" every process's in rank
+    order (a collective: every process calls it), so that each one resumes its own stream."""
+    import torch.distributed as dist
+
+    state = rng_state()
+    if dist.is_available() and dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, state)
+        state = {**state, "ranks": ranks}
+    return state
+
+
+def set_run_rng_state(state: dict) -> None:
+    """Restore what run_rng_state saved: this rank's own state when the number of processes is
+    the same, else the saving rank 0's."""
+    import torch.distributed as dist
+
+    ranks = state.get("ranks")
+    if ranks and dist.is_available() and dist.is_initialized() and len(ranks) == dist.get_world_size():
+        state = ranks[dist.get_rank()]
+    set_rng_state(state)
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -51,6 +51,9 @@ def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, t
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]  # one line per step, written once (rank 0), continuing the count
+    rng = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["rng"]
+    assert len(rng["ranks"]) == 2  # each process resumes its own random stream
+    assert not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])  # seeded per process
 
     stage2 = torchrun("training_transformer.py", "--dataset-path", str(images), "--vqgan-checkpoint",
                       str(run / "checkpoints" / "last.pt"), "--output-dir", str(tmp_path / "gpt"), "--n-layer", "1",

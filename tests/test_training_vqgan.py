@@ -229,14 +229,17 @@ def test_single_pass_generator_gradients_equal_the_two_backward_computation(tiny
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bf16_autocast_training_step_runs_on_cpu(tiny_cfg):
-    s = stage1(tiny_cfg, disc_start=0, precision="bf16")
-    assert s.amp_dtype == torch.bfloat16
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_training_step_runs_on_cpu(tiny_cfg, precision):
+    """bf16 autocast, and fp16 with its GradScalers (each optimizer its own), on the CPU."""
+    s = stage1(tiny_cfg, disc_start=0, precision=precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert s.amp_dtype == dtype and s.scaler_g.is_enabled() == (precision == "fp16")
     x = batch()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         x_rec, _, _ = s.model(x)
         z_q, _, _ = s.model.encode(x)
-    assert x_rec.dtype == torch.bfloat16 and z_q.dtype == torch.float32  # codebook math in float32
+    assert x_rec.dtype == dtype and z_q.dtype == torch.float32  # codebook math in float32
     before = [p.detach().clone() for p in s.model.parameters()]
     logs = train_step(s, x, step=0)
     assert all(torch.isfinite(logs[k]) for k in ("loss", "rec_loss", "q_loss", "g_loss", "d_weight", "d_loss"))
