@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -116,3 +117,26 @@ def test_two_processes_of_batch_b_update_like_one_process_of_batch_2b(tiny_cfg, 
     assert set(grads) == set(ranks[0]["grad"])
     for name, grad in grads.items():
         torch.testing.assert_close(ranks[0]["grad"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_an_exception_on_one_rank_ends_the_job_without_a_hang(images, tmp_path):
+    """Rank 1 alone fails mid-training; rank 0, waiting in a collective, must not hang."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import training_vqgan\n"
+        "from config import parse_train_vqgan\n"
+        "from utils import run_cli\n"
+        "real = training_vqgan.train_step\n"
+        "def failing(s, x, step):\n"
+        "    if step == 2 and os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('injected failure on rank 1')\n"
+        "    return real(s, x, step)\n"
+        "training_vqgan.train_step = failing\n"
+        "run_cli(training_vqgan.main, parse_train_vqgan)\n")
+    start = time.time()
+    r = torchrun(str(driver), "--dataset-path", str(images), "--output-dir", str(tmp_path / "run"), *STAGE1,
+                 "--max-steps", "6")
+    assert r.returncode != 0 and "injected failure on rank 1" in r.stderr + r.stdout
+    assert time.time() - start < 300  # ended by torchrun, not by a collective's 30-minute timeout
