@@ -101,6 +101,11 @@ def generator_step(s: Stage1, x, step: int):
     the weighted sum of the two x_rec gradients (plus the codebook loss) is backpropagated once
     through decoder and encoder. The gradients are the same (a test checks it)."""
     micro = list(x) if isinstance(x, (list, tuple)) else [x]
+    # The codebook techniques change codes and buffers during the forward pass; a skipped step
+    # puts them back, so that it changes nothing at all.
+    quantize = s.model.quantize
+    before = ({k: v.clone() for k, v in quantize.state_dict().items()} if s.model.config.codebook_options()
+              else None)
     s.opt_g.zero_grad(set_to_none=True)
     logs, x_recs, indices = MeanMeter(), [], []
     for i, xi in enumerate(micro):
@@ -114,6 +119,8 @@ def generator_step(s: Stage1, x, step: int):
     # gradients makes d_weight NaN, which is the GradScaler's to handle (skip and back off).
     terms = [logs[k] for k in ("rec_loss", "p_loss", "q_loss", "g_loss")]
     ok = apply_update(s.opt_g, s.scaler_g, terms, s.model.parameters())
+    if not ok and before is not None:
+        quantize.load_state_dict(before)
     logs["skipped"] = torch.tensor(0.0 if ok else 1.0)
     return logs, (x_recs if isinstance(x, (list, tuple)) else x_recs[0]), torch.cat(indices)
 

@@ -154,6 +154,25 @@ def test_non_finite_encoder_output_leaves_the_ema_codebook_alone(bad):
         assert torch.equal(v, state[k]), k
 
 
+def test_a_skipped_step_leaves_the_codebook_as_it_was(tiny_cfg, monkeypatch):
+    """The encoder output is finite but the loss is not (here: a NaN perceptual term): the EMA
+    update and restarts made during the forward pass are undone with the skipped step."""
+    import dataclasses
+
+    from test_training_vqgan import batch, stage1
+
+    cfg = dataclasses.replace(tiny_cfg, codebook_ema=0.9, codebook_restart_after=1)
+    s = stage1(cfg, disc_start=10**9)
+    training_vqgan.train_step(s, batch(0), step=0)
+    before = {k: v.clone() for k, v in s.model.quantize.state_dict().items()}
+    s.perceptual = lambda x, y: torch.full((x.shape[0],), float("nan"))
+    monkeypatch.setattr(s.cfg, "perceptual_loss_factor", 1.0)
+    logs = training_vqgan.train_step(s, batch(1), step=1)
+    assert logs["skipped"].item() == 1
+    for k, v in s.model.quantize.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_too_many_bad_steps_in_a_row_save_and_stop(images, tmp_path, monkeypatch):
     real = training_vqgan.train_step
 
