@@ -21,8 +21,12 @@ off by default so that plain VQ and the official weights stay as they are, fix t
                                          encoder outputs (Lancucki et al. 2020, "Robust Training of
                                          Vector Quantized Bottleneck Models")
   restart_after   (--codebook-restart-after N) a code unused for N training forward passes is
-                                         replaced by a random recent encoder output (Dhariwal et
-                                         al. 2020, "Jukebox", Sec. 3.3; Lancucki et al. 2020)
+                                         replaced by a recent encoder output (Dhariwal et al.
+                                         2020, "Jukebox", Sec. 3.3; Lancucki et al. 2020), drawn
+                                         with probability proportional to its squared distance
+                                         from its nearest code, as k-means++ seeds (Arthur and
+                                         Vassilvitskii 2007): a uniform draw mostly lands on a
+                                         vector that sits on a code already, and the copy dies
   entropy_weight  (--codebook-entropy-weight W) adds W * (mean per-vector entropy of the soft
                                          assignment - entropy of the mean assignment), pushing
                                          for confident and diverse code use (Yu et al. 2023,
@@ -116,7 +120,7 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("initted", torch.zeros((), dtype=torch.bool))
         self._pool: list[torch.Tensor] = []  # encoder outputs gathered for the k-means init
         self._initted_cache = False  # avoids a host sync per step once the init is done
-        self.restarted = torch.zeros(())  # codes restarted in the last training forward (for logs)
+        self._restarted = None  # codes restarted since the last pop_restarted() (K,) bool
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._initted_cache = False
@@ -200,10 +204,28 @@ class VectorQuantizer(nn.Module):
                     self._initted_cache, self._pool = True, []
         if self.restart_after:
             dead = (self.unused_steps >= self.restart_after) & finite  # (K,) no host sync below
-            candidates = _broadcast(z_e[torch.randint(z_e.shape[0], (self.n_embed,), device=z_e.device)])
-            self._set_codes(dead, candidates, torch.ones(self.n_embed, device=z_e.device))
+            self._set_codes(dead, _broadcast(self._restart_candidates(z_e, dead)), torch.ones(self.n_embed, device=z_e.device))
             self.unused_steps.masked_fill_(dead, 0)
-            self.restarted = dead.sum()
+            self._restarted = dead if self._restarted is None else self._restarted | dead
+
+    def _restart_candidates(self, z_e: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """(K, D): a new vector for every code (used where the code is dead), drawn from this
+        batch with probability proportional to the squared distance to the nearest code, without
+        replacement while the batch lasts; dead code number j (in index order) takes draw j."""
+        n = z_e.shape[0]
+        e = self.codes()
+        error = torch.cat([squared_distances(part, e).min(1).values for part in z_e.split(16384)]).clamp_min(0)
+        weights = torch.where(error.sum() > 0, error, torch.ones_like(error))  # all on codes: uniform
+        draws = torch.multinomial(weights, min(n, self.n_embed), replacement=False)
+        order = (dead.long().cumsum(0) - 1).clamp_min(0) % draws.numel()  # dead code j -> draw j
+        return z_e[draws[order]]
+
+    def pop_restarted(self):
+        """(K,) bool mask of the codes restarted since the previous call (None if none could be),
+        then forget them. A restarted code is used by the vector it was copied from; the
+        training statistics do not count that use."""
+        mask, self._restarted = self._restarted, None
+        return mask
 
     def _set_codes(self, mask: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor) -> None:
         """Codes where mask is set become `vectors` (and, with EMA, averages over `counts`)."""
@@ -298,8 +320,12 @@ class CodebookUsage:
         self.total = None
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor) -> dict:
+    def update(self, indices: torch.Tensor, exclude=None) -> dict:
+        """Counts of this step's indices; codes in the (K,) bool mask `exclude` (codes restarted
+        in this step, the same on every process) count as unused."""
         counts = _all_reduce_sum(torch.bincount(indices.flatten(), minlength=self.n_embed).float())
+        if exclude is not None:
+            counts = counts.masked_fill(exclude, 0.0)
         self.recent.append(counts)
         self.total = counts.clone() if self.total is None else self.total + counts
         if len(self.recent) > self.window:

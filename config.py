@@ -138,7 +138,8 @@ class TrainVQGANConfig(RunConfig):
     learning_rate: float = _f(2.25e-05, "Adam learning rate of the VQGAN and the discriminator")
     beta1: float = _f(0.5, "Adam beta1")
     beta2: float = _f(0.9, "Adam beta2")
-    lr_warmup_steps: int = _f(0, "linear learning-rate warmup, in steps; constant afterwards")
+    lr_warmup_steps: int = _f(0, "linear learning-rate warmup, in steps")
+    lr_schedule: str = _f("constant", "learning rate after the warmup: constant (as the reference) or cosine decay to a tenth at the last step", choices=("constant", "cosine"))
     disc_start: int = _f(10000, "step at which the discriminator and the GAN loss switch on")
     disc_factor: float = _f(1.0, "weight of the GAN losses once the discriminator is on")
     disc_weight: float = _f(0.8, "multiplies the adaptive weight lambda (the reference's disc_weight)")
@@ -230,12 +231,15 @@ GPT_PRESETS: dict[str, dict] = {
 DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=1500, lr_warmup_steps=100, log_every=50,
                               sample_every=500, save_every=500, top_k=100)
 
-# The codebook that keeps (nearly) every code in use (codebook.py; README "Codebook usage"): cosine
-# lookup of 8-dimensional factorized codes, k-means initialization and dead-code restarts.
+# The codebook that keeps (nearly) every code in use (codebook.py; README "Codebook usage"): 8-dimensional
+# factorized codes, k-means initialization and dead-code restarts; the f16 presets also look codes up
+# by cosine similarity (l2-normalized, as in ViT-VQGAN). The tiny demo looks up by Euclidean distance:
+# with cosine lookup its encoder's early, nearly one-dimensional outputs fell onto two codes for the
+# first ~100 steps, and it trained more slowly (README "Codebook usage").
 # codebook_restart_after is set so that a code with a uniform share of the tokens would expect about
 # 25 uses in that many steps (tiny: 512 tokens per batch, 1024 codes, 50 steps; f16 at batch 16:
 # 4096 tokens, 16384 codes, 100 steps): a code restarted then is really dead.
-IMPROVED_CODEBOOK: dict = dict(codebook_l2_norm=True, codebook_dim=8, codebook_kmeans_init=True)
+IMPROVED_CODEBOOK: dict = dict(codebook_dim=8, codebook_kmeans_init=True)
 _TINY = dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
              z_channels=64, embed_dim=64, n_embed=1024, batch_size=8, learning_rate=1e-3, disc_start=2000)
 _F16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
@@ -250,13 +254,13 @@ PRESETS: dict[str, dict] = {
     "f16-1024": dict(**_F16, n_embed=1024),
     "f16-16384": dict(**_F16, n_embed=16384),
     # The same architectures with the improved codebook (16384 codes: 8-dimensional, l2-normalized).
-    "f16-1024-l2": dict(**_F16, n_embed=1024, **IMPROVED_CODEBOOK, codebook_restart_after=100),
-    "f16-16384-l2": dict(**_F16, n_embed=16384, **IMPROVED_CODEBOOK, codebook_restart_after=100),
+    "f16-1024-l2": dict(**_F16, n_embed=1024, **IMPROVED_CODEBOOK, codebook_l2_norm=True, codebook_restart_after=100),
+    "f16-16384-l2": dict(**_F16, n_embed=16384, **IMPROVED_CODEBOOK, codebook_l2_norm=True, codebook_restart_after=100),
 }
 
 # `python training_vqgan.py` with no --dataset-path: the tiny preset on bundled photographs,
 # sized to finish on a 2-core CPU within minutes.
-DEMO_VQGAN: dict = dict(preset="tiny", max_steps=1000, disc_start=700, log_every=50, sample_every=250, save_every=500)
+DEMO_VQGAN: dict = dict(preset="tiny", max_steps=1000, lr_schedule="cosine", disc_start=700, log_every=50, sample_every=250, save_every=500)
 
 # Flags that set two fields at once (names users of the original flat implementation know).
 COMPOSITE_FLAGS: dict[str, tuple[str, tuple[str, ...], type, str]] = {

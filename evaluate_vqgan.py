@@ -7,7 +7,8 @@ perplexity, and rFID (Heusel et al. 2017) when Inception weights are given.
 
 Every image of DIR (searched recursively) is resized on its shorter side and center-cropped to
 the model's resolution (or --image-size). Without --dataset-path the set is fixed random crops of
-the demo photographs' held-out strips. Prints a table and writes OUT/metrics.json and
+the demo photographs' held-out strips (`--demo-split train`: of the parts trained on, to see which
+codes the tokenizer uses on its own training distribution). Prints a table and writes OUT/metrics.json and
 OUT/reconstructions.png (each original next to its reconstruction).
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint of this project, or a taming-transformers VQGAN .ckpt")
     p.add_argument("--config", default=None, help="YAML config of a taming-transformers checkpoint (default: inferred)")
     p.add_argument("--dataset-path", default=None, help="folder of images, searched recursively (default: the demo's held-out crops)")
+    p.add_argument("--demo-split", default="held-out", choices=("held-out", "train"),
+                   help="without --dataset-path: crops of the demo photos' held-out strips, or of the parts trained on (default: held-out)")
     p.add_argument("--image-size", type=int, default=None, help="side of the center crop (default: the model's resolution)")
     p.add_argument("--num-images", type=int, default=0, help="evaluate the first N images only; for the demo set, its size (default: all; demo 512)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
@@ -59,7 +62,10 @@ def default_out(checkpoint: str) -> Path:
 def build_dataset(args: argparse.Namespace, size: int, channels: int) -> tuple[ImageDataset, str]:
     if args.dataset_path is None:
         n = args.num_images or 512
-        _, val_parts = demo_images(4 * size, min_val_width=size)
+        train_parts, val_parts = demo_images(4 * size, min_val_width=size)
+        if args.demo_split == "train":  # fixed random crops, the same for every checkpoint
+            return (ImageDataset(train_parts, build_transform(size, True, resize=False), args.seed + 2, length=n,
+                                 channels=channels), f"demo: {n} crops of the parts trained on")
         return demo_validation(val_parts, size, channels, args.seed, length=n), f"demo: {n} crops of the held-out strips"
     paths = check_images(scan_images(args.dataset_path))
     if args.num_images:

@@ -53,6 +53,7 @@ class Stage1:
     learning_rate: float  # after --scale-lr
     model_train: nn.Module  # what the steps call: the DDP wrappers under torchrun, else model and disc
     disc_train: nn.Module
+    total_steps: Optional[int] = None  # the last step of the run (the cosine schedule ends there)
 
     def disc_active(self, step: int) -> bool:
         return step >= self.cfg.disc_start and self.cfg.disc_factor > 0
@@ -191,7 +192,7 @@ def discriminator_step(s: Stage1, x, x_rec, step: int) -> dict:
 def train_step(s: Stage1, x, step: int) -> dict:
     """Generator step, then discriminator step, on a batch or a list of micro-batches. Returns
     0-dim tensors (no host sync here)."""
-    lr = lr_at(step, s.learning_rate, s.cfg.lr_warmup_steps)
+    lr = lr_at(step, s.learning_rate, s.cfg.lr_warmup_steps, s.total_steps, s.cfg.lr_schedule)
     for opt in (s.opt_g, s.opt_d):
         for group in opt.param_groups:
             group["lr"] = lr
@@ -204,9 +205,10 @@ def train_step(s: Stage1, x, step: int) -> dict:
         if logs.get("d_skipped", 0):
             warn(f"step {step}: discriminator update skipped, non-finite d_loss={logs['d_loss'].item():.4g}")
             logs["skipped"] = logs["d_skipped"]
-    logs.update(s.usage.update(indices))
-    if s.model.config.codebook_restart_after:
-        logs["codes_restarted"] = s.model.quantize.restarted
+    restarted = s.model.quantize.pop_restarted() if s.model.config.codebook_restart_after else None
+    logs.update(s.usage.update(indices, exclude=restarted))  # a restart's own use is not usage
+    if restarted is not None:
+        logs["codes_restarted"] = restarted.sum()
     return logs
 
 
@@ -344,6 +346,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
     sampler = EpochSampler(len(train_ds), cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size)
     steps_per_epoch = sampler.per_rank // (cfg.batch_size * cfg.grad_accum)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    s.total_steps = total_steps
     loader = make_loader(train_ds, sampler, cfg.batch_size, cfg.num_workers, drop_last=True,
                          pin_memory=device.type == "cuda")
     val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size,
@@ -379,7 +382,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
             guard.after_step(step, bool(logs["skipped"]), lambda: checkpoint_dict(s, step))
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics = meter.flush()
-                metrics.update(epoch=epoch, lr=lr_at(step - 1, s.learning_rate, cfg.lr_warmup_steps),
+                metrics.update(epoch=epoch, lr=lr_at(step - 1, s.learning_rate, cfg.lr_warmup_steps, total_steps, cfg.lr_schedule),
                                images_per_s=global_batch(cfg, dist_info) / metrics["step_time"])
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rec_loss", "p_loss", "q_loss", "d_weight", "usage", "usage_window")})
                 run.log_metrics(step, metrics)

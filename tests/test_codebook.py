@@ -112,13 +112,34 @@ def test_dead_code_is_restarted_from_encoder_outputs():
     vq.train()
     for _ in range(2):  # code 3 is never nearest: unused for two forward passes
         vq(z)
-        assert vq.restarted.item() == 0
+        assert vq.pop_restarted().sum().item() == 0
     assert vq.unused_steps.tolist() == [0, 0, 0, 2]
     vq(z)  # the third forward restarts it from one of this batch's vectors
-    assert vq.restarted.item() == 1
+    assert vq.pop_restarted().tolist() == [False, False, False, True]
+    assert vq.pop_restarted() is None  # popped: forgotten
     new = vq.embedding.weight[3].detach()
     assert any(torch.allclose(new, v) for v in z.reshape(2, 3).t())
     torch.testing.assert_close(vq.embedding.weight[:3].detach(), torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]))
+
+
+def test_restarts_go_to_vectors_far_from_the_codes_and_are_not_counted_as_usage():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(n_embed=4, embed_dim=2, restart_after=1).train()
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [5.0, 0.0], [100.0, 100.0], [-100.0, 100.0]]))
+    # 30 vectors on code 0, 30 on code 1 and one far from both: the uniform draw of a plain restart
+    # would copy a vector that already sits on a code 60 times in 61
+    on_codes = torch.cat([torch.zeros(30, 2), torch.tensor([[5.0, 0.0]]).repeat(30, 1)])
+    z = torch.cat([on_codes, torch.tensor([[2.0, 9.0]])]).t().reshape(1, 2, 1, 61)
+    vq(z)  # codes 2 and 3 unused once
+    vq.pop_restarted()
+    _, _, indices = vq(z)  # both dead: the first draw is the only vector off the codes
+    restarted = vq.pop_restarted()
+    assert restarted.tolist() == [False, False, True, True]
+    torch.testing.assert_close(vq.embedding.weight[2].detach(), torch.tensor([2.0, 9.0]))
+    tracker = CodebookUsage(4)
+    assert tracker.update(indices).get("usage").item() == 0.75  # codes 0, 1 and the restarted 2
+    assert CodebookUsage(4).update(indices, exclude=restarted)["usage"].item() == 0.5
 
 
 def test_l2_mode_unit_norm_codes_and_cosine_lookup():

@@ -78,3 +78,19 @@ def test_evaluation_of_an_official_checkpoint(tmp_path):
                               "--num-workers", "0", "--no-lpips", "--out", str(tmp_path / "eval")]))
     assert result["images"] == 3 and result["n_embed"] == model.config.n_embed
     assert (tmp_path / "eval" / "reconstructions.png").is_file()
+
+
+def test_demo_split_train_gives_fixed_crops_of_the_trained_parts():
+    from evaluate_vqgan import build_dataset
+
+    def first(split):
+        dataset, description = build_dataset(parse_args(["--checkpoint", "x", "--num-images", "4", "--demo-split", split]),
+                                             32, 3)
+        return torch.stack([dataset[i] for i in range(len(dataset))]), description
+
+    train, train_desc = first("train")
+    held_out, held_out_desc = first("held-out")
+    assert train.shape == held_out.shape == (4, 3, 32, 32)
+    assert "trained on" in train_desc and "held-out" in held_out_desc
+    assert not torch.equal(train, held_out)
+    assert torch.equal(train, first("train")[0])  # the same crops every time

@@ -245,3 +245,12 @@ def test_reduced_precision_training_step_runs_on_cpu(tiny_cfg, precision):
     assert all(torch.isfinite(logs[k]) for k in ("loss", "rec_loss", "q_loss", "g_loss", "d_weight", "d_loss"))
     assert logs["d_weight"].item() > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, s.model.parameters()))
+
+
+@pytest.mark.parametrize("schedule, expected", [("constant", [1e-3, 1e-3, 1e-3]), ("cosine", [1e-3, 5.5e-4, 1e-4])])
+def test_learning_rate_schedule_of_both_optimizers(tiny_cfg, schedule, expected):
+    s = stage1(tiny_cfg, disc_start=0, lr_schedule=schedule)
+    s.total_steps = 10
+    for step, lr in zip((0, 5, 10), expected):
+        train_step(s, batch(step), step)
+        assert [g["lr"] for opt in (s.opt_g, s.opt_d) for g in opt.param_groups] == pytest.approx([lr, lr])
