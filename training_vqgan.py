@@ -122,6 +122,8 @@ def generator_step(s: Stage1, x, step: int):
     ok = apply_update(s.opt_g, s.scaler_g, terms, s.model.parameters())
     if not ok and before is not None:
         quantize.load_state_dict(before)
+        if hasattr(quantize, "pop_restarted"):
+            quantize.pop_restarted()  # undone: neither logged nor excluded from the usage counts
     logs["skipped"] = torch.tensor(0.0 if ok else 1.0)
     return logs, (x_recs if isinstance(x, (list, tuple)) else x_recs[0]), torch.cat(indices)
 
