@@ -46,35 +46,34 @@ def assert_same_state(a, b, path=""):
         assert a == b, path
 
 
-def test_stage1_resume_is_bit_identical(images, tmp_path):
-    """4 steps straight, and 2 steps + resume + 2 steps, give the same weights, optimizer and
-    scaler states (GAN on from step 1; EMA codebook with k-means init and restarts)."""
-    common = ["--dataset-path", str(images), *STAGE1]
-    training_vqgan.main(parse_train_vqgan([*common, "--output-dir", str(tmp_path / "a"), "--max-steps", "4"]))
-    training_vqgan.main(parse_train_vqgan([*common, "--output-dir", str(tmp_path / "b"), "--max-steps", "2"]))
-    training_vqgan.main(parse_train_vqgan([*common, "--output-dir", str(tmp_path / "b"), "--max-steps", "4",
-                                           "--resume", "latest"]))
+def assert_resume_is_bit_identical(train, common, tmp_path, keys):
+    """4 steps straight, and 2 steps + resume + 2 steps, end in the same checkpoint entries."""
+    train([*common, "--output-dir", str(tmp_path / "a"), "--max-steps", "4"])
+    train([*common, "--output-dir", str(tmp_path / "b"), "--max-steps", "2"])
+    train([*common, "--output-dir", str(tmp_path / "b"), "--max-steps", "4", "--resume", "latest"])
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 4
-    for key in ("model", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"):
+    for key in keys:
         assert_same_state(a[key], b[key], key)
+
+
+def test_stage1_resume_is_bit_identical(images, tmp_path):
+    """Weights, optimizer and scaler states (GAN on from step 1; EMA codebook with k-means init and
+    restarts)."""
+    assert_resume_is_bit_identical(lambda argv: training_vqgan.main(parse_train_vqgan(argv)),
+                                   ["--dataset-path", str(images), *STAGE1], tmp_path,
+                                   ("model", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"))
 
 
 def test_stage2_resume_is_bit_identical(images, tmp_path):
     vq = tmp_path / "vq"
     training_vqgan.main(parse_train_vqgan(["--dataset-path", str(images), *TINY_FLAGS, "--output-dir", str(vq),
                                            "--max-steps", "1"]))
-    common = ["--dataset-path", str(images), "--vqgan-checkpoint", str(vq / "checkpoints" / "last.pt"), *STAGE2]
-    training_transformer.main(parse_train_transformer([*common, "--output-dir", str(tmp_path / "a"), "--max-steps", "4"]))
-    training_transformer.main(parse_train_transformer([*common, "--output-dir", str(tmp_path / "b"), "--max-steps", "2"]))
-    training_transformer.main(parse_train_transformer([*common, "--output-dir", str(tmp_path / "b"), "--max-steps", "4",
-                                                       "--resume", "latest"]))
-    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 4
-    for key in ("model", "optimizer", "scaler", "rng"):
-        assert_same_state(a[key], b[key], key)
+    assert_resume_is_bit_identical(lambda argv: training_transformer.main(parse_train_transformer(argv)),
+                                   ["--dataset-path", str(images), "--vqgan-checkpoint",
+                                    str(vq / "checkpoints" / "last.pt"), *STAGE2], tmp_path,
+                                   ("model", "optimizer", "scaler", "rng"))
 
 
 # ------------------------------------------------------------------------------ crashes, signals
