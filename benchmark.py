@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
@@ -250,5 +251,10 @@ def main(args: argparse.Namespace) -> dict:
     return result
 
 
+def cli(argv=None) -> int:
+    """The command line: exit code 0, or 2 for a user error (one message, no traceback)."""
+    return run_cli(main, parse_args, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    sys.exit(cli())

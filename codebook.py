@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helper import at_least_float32
+
 EMA_EPS = 1e-5  # Laplace smoothing of the EMA cluster sizes (VQ-VAE, Appendix A.1)
 
 
@@ -129,7 +131,7 @@ class VectorQuantizer(nn.Module):
     def codes(self) -> torch.Tensor:
         """The code vectors in the lookup space, (n_embed, lookup_dim) float32; unit-norm rows in
         l2 mode."""
-        e = self.embedding.weight.float()
+        e = at_least_float32(self.embedding.weight)
         return F.normalize(e, dim=1) if self.l2_norm else e
 
     def project_in(self, z_flat: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,7 @@ class VectorQuantizer(nn.Module):
         # Distances, argmin and losses in float32 even under autocast: bf16 distances pick the
         # wrong code when codes are close.
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)  # (N, C)
+            z_flat = at_least_float32(z).permute(0, 2, 3, 1).reshape(-1, c)  # (N, C)
             z_e = self.project_in(z_flat)  # (N, D)
             finite = None
             if self.training and (self.kmeans_init or self.restart_after or self.ema_decay):
@@ -277,14 +279,14 @@ class GumbelQuantizer(nn.Module):
     def forward(self, z: torch.Tensor):
         """z (B, num_hiddens, H, W) -> z_q (B, embed_dim, H, W), q_loss, indices (B, H, W)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            logits = self.proj(z.float())  # (B, n_embed, H, W)
+            logits = self.proj(at_least_float32(z))  # (B, n_embed, H, W)
             if self.training:
                 one_hot = F.gumbel_softmax(logits, tau=self.temperature, dim=1, hard=True)
                 indices = one_hot.argmax(dim=1)
-                z_q = torch.einsum("bnhw,nd->bdhw", one_hot, self.embed.weight.float())
+                z_q = torch.einsum("bnhw,nd->bdhw", one_hot, at_least_float32(self.embed.weight))
             else:
                 indices = logits.argmax(dim=1)
-                z_q = self.lookup(indices).float()
+                z_q = at_least_float32(self.lookup(indices))
             q = logits.softmax(dim=1)
             q_loss = self.kl_weight * (q * torch.log(q * self.n_embed + 1e-10)).sum(dim=1).mean()
         return z_q, q_loss, indices

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helper import at_least_float32
+
 
 class NLayerDiscriminator(nn.Module):
     """Conv 4x4 stride 2 layers with BatchNorm and LeakyReLU(0.2); outputs one logit per
@@ -68,7 +70,7 @@ def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last
     gradients are taken (so tiny gradients do not underflow) and the ratio is unchanged."""
     nll_grad, = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)
     g_grad, = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)
-    d_weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)
+    d_weight = at_least_float32(nll_grad).norm() / (at_least_float32(g_grad).norm() + 1e-4 * loss_scale)
     return d_weight.clamp(0.0, max_weight).detach()
 
 
@@ -80,5 +82,5 @@ def adaptive_weight_from_output_grads(output: torch.Tensor, last_layer: torch.Te
     loss scaling, pass scaled gradients and eps = 1e-4 * scale."""
     w_nll, = torch.autograd.grad(output, last_layer, grad_nll, retain_graph=True)
     w_gan, = torch.autograd.grad(output, last_layer, grad_gan, retain_graph=True)
-    d_weight = w_nll.float().norm() / (w_gan.float().norm() + eps)
+    d_weight = at_least_float32(w_nll).norm() / (at_least_float32(w_gan).norm() + eps)
     return d_weight.clamp(0.0, max_weight).detach()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -197,5 +198,10 @@ def main(args: argparse.Namespace) -> dict:
     return result
 
 
+def cli(argv=None) -> int:
+    """The command line: exit code 0, or 2 for a user error (one message, no traceback)."""
+    return run_cli(main, parse_args, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    sys.exit(cli())

@@ -9,6 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (autocast outputs) -> float32; float32 and float64 stay as they are, so
+    that losses and codebook distances run in float32 under autocast and in float64 when the
+    whole model is (the tests compare identities in float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 

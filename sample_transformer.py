@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -88,5 +89,10 @@ def main(args: argparse.Namespace) -> list[str]:
     return paths
 
 
+def cli(argv=None) -> int:
+    """The command line: exit code 0, or 2 for a user error (one message, no traceback)."""
+    return run_cli(main, parse_args, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    sys.exit(cli())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -288,5 +289,10 @@ def main(cfg: TrainTransformerConfig) -> dict:
     return {"step": step, "stopped_by": guard.signal}
 
 
+def cli(argv=None) -> int:
+    """The command line: exit code 0, or 2 for a user error (one message, no traceback)."""
+    return run_cli(main, parse_train_transformer, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main, parse_train_transformer)
+    sys.exit(cli())

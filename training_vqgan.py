@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from codebook import CodebookUsage
 from config import TrainVQGANConfig, UserError, config_to_dict, parse_train_vqgan
+from helper import at_least_float32
 from discriminator import D_LOSSES, NLayerDiscriminator, adaptive_weight_from_output_grads, generator_loss
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
@@ -135,14 +137,14 @@ def generator_backward(s: Stage1, x: torch.Tensor, step: int, weight: float = 1.
     gan = s.disc_active(step)
     with frozen(s.disc), autocast(s.device, s.amp_dtype):
         x_rec, indices, q_loss = s.model_train(x)
-        rec_loss = (x.float() - x_rec.float()).abs().mean()
-        p_loss = s.perceptual(x, x_rec).float().mean() if s.perceptual is not None else zero
+        rec_loss = (at_least_float32(x) - at_least_float32(x_rec)).abs().mean()
+        p_loss = at_least_float32(s.perceptual(x, x_rec)).mean() if s.perceptual is not None else zero
         nll_loss = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
         if gan:
             # Scored inside a real+fake batch, as in the discriminator step, so that BatchNorm
             # normalizes the fakes with the same kind of statistics the discriminator learned on.
             # The unwrapped discriminator: it is frozen here, so DDP has nothing to synchronize.
-            logits_fake = s.disc(torch.cat([x, x_rec]))[x.shape[0]:].float()
+            logits_fake = at_least_float32(s.disc(torch.cat([x, x_rec]))[x.shape[0]:])
             g_loss = generator_loss(logits_fake, cfg.disc_loss)
         else:  # before --disc-start the discriminator does no work at all
             g_loss = zero
@@ -180,7 +182,7 @@ def discriminator_step(s: Stage1, x, x_rec, step: int) -> dict:
                 # One forward over real and fake together (the reference runs two): BatchNorm
                 # statistics come from the mixed batch in both steps, and a BatchNorm module is
                 # called once per step, which DistributedDataParallel requires.
-                logits = s.disc_train(torch.cat([xi, ri.detach()])).float()
+                logits = at_least_float32(s.disc_train(torch.cat([xi, ri.detach()])))
                 logits_real, logits_fake = logits.chunk(2)
                 d_loss = s.cfg.disc_factor * D_LOSSES[s.cfg.disc_loss](logits_real, logits_fake)
             s.scaler_d.scale(d_loss / len(xs)).backward()
@@ -414,5 +416,10 @@ def main(cfg: TrainVQGANConfig) -> dict:
     return {"step": step, "psnr_before": psnr_before, "psnr_after": psnr_after, "stopped_by": guard.signal}
 
 
+def cli(argv=None) -> int:
+    """The command line: exit code 0, or 2 for a user error (one message, no traceback)."""
+    return run_cli(main, parse_train_vqgan, argv)
+
+
 if __name__ == "__main__":
-    run_cli(main, parse_train_vqgan)
+    sys.exit(cli())

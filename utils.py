@@ -125,15 +125,17 @@ def warn(msg: str) -> None:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def run_cli(main: Callable, parse: Callable) -> None:
-    """Parse flags and run; a UserError becomes one paragraph on stderr and exit code 2."""
+def run_cli(main: Callable, parse: Callable, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse flags (argv, default sys.argv[1:]) and run; the exit code: 0, or 2 after a UserError,
+    printed as one paragraph on stderr. argparse's own errors exit 2 through SystemExit."""
     try:
-        main(parse())
+        main(parse(None if argv is None else list(argv)))
+        return 0
     except UserError as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        return 2
     finally:
         cleanup_distributed()
 
@@ -460,7 +462,8 @@ class MeanMeter:
 
     def add(self, logs: dict) -> None:
         for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+            v = v.detach()
+            self.sums[k] = self.sums.get(k, 0.0) + v.to(torch.promote_types(v.dtype, torch.float32))
         self.count += 1
 
     def means(self) -> dict:

@@ -129,7 +129,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: exit code 0, or 2 for a user error (one message, no traceback)."""
     from utils import run_cli
 
-    run_cli(lambda args: convert(args.taming_ckpt, args.out, args.config), parse_args)
+    return run_cli(lambda args: convert(args.taming_ckpt, args.out, args.config), parse_args, argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(cli())

@@ -1,26 +1,104 @@
-"""benchmark.py runs each subcommand on tiny CPU configurations and reports its figures (the
-figures themselves are measurements, not test results)."""
+"""benchmark.py on tiny CPU configurations: what each timed phase really runs (counted calls), the
+documented JSON keys and their relations. The figures themselves are measurements, not test
+results."""
 import json
+from collections import Counter
 
+import pytest
+import torch
+
+import benchmark
 from benchmark import main, parse_args
+from discriminator import NLayerDiscriminator
+from lpips import LPIPS
+from mingpt import GPT
+from vqgan import VQGAN
 
 TINY_VQGAN = ["--preset", "tiny", "--image-size", "32", "--ch-mult", "1", "2", "--attn-resolutions", "16",
-              "--num-codebook-vectors", "64", "--device", "cpu", "--steps", "1", "--warmup", "1"]
+              "--num-codebook-vectors", "64", "--device", "cpu"]
 
 
-def test_stage1_benchmark_with_comparison(tmp_path):
+@pytest.fixture
+def phases(monkeypatch):
+    """Counts forward calls of the networks per timed phase: a list with one Counter per call of
+    benchmark.measure, in order (each of warmup + steps calls of the phase's function)."""
+    calls, per_phase = Counter(), []
+
+    def counting(cls, name):
+        forward = cls.forward
+
+        def wrapped(self, *args, **kwargs):
+            calls[name] += 1
+            if name == "gpt":  # how many tokens this call fed, and whether the fused attention kernel is allowed
+                calls["gpt_tokens"] += args[0].shape[1]
+                calls["gpt_flash_allowed"] += int(torch.backends.cuda.flash_sdp_enabled())
+            return forward(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward", wrapped)
+
+    for cls, name in ((VQGAN, "vqgan"), (NLayerDiscriminator, "disc"), (LPIPS, "lpips"), (GPT, "gpt")):
+        counting(cls, name)
+    measure = benchmark.measure
+
+    def counted_measure(fn, device, steps, warmup):
+        before = Counter(calls)
+        result = measure(fn, device, steps, warmup)
+        per_phase.append(calls - before)
+        return result
+    monkeypatch.setattr(benchmark, "measure", counted_measure)
+    return per_phase
+
+
+def check_rates(result, per_step, unit):
+    """Documented relations: rate = per_step * 1000 / ms, and speedup = reference_ms / ms."""
+    assert result[f"{unit}_per_s"] == pytest.approx(per_step * 1000 / result["step_ms"], rel=1e-12)
+    if "reference_step_ms" in result:
+        assert result[f"reference_{unit}_per_s"] == pytest.approx(per_step * 1000 / result["reference_step_ms"],
+                                                                  rel=1e-12)
+        assert result["speedup"] == pytest.approx(result["reference_step_ms"] / result["step_ms"], rel=1e-12)
+
+
+def test_stage1_compare_times_the_reference_step(tmp_path, phases):
+    """Per step, our training step runs the VQGAN and LPIPS once and the discriminator twice
+    (scoring the reconstructions, then its own step on real and fake together); the reference's
+    step, as its trainer runs it, runs the VQGAN and LPIPS twice (its discriminator step
+    recomputes them) and the discriminator three times (fakes for the generator, then real and
+    fake separately)."""
     out = tmp_path / "stage1.json"
-    result = main(parse_args(["stage1", *TINY_VQGAN, "--batch-size", "2", "--compare", "--json", str(out)]))
+    result = main(parse_args(["stage1", *TINY_VQGAN, "--batch-size", "2", "--steps", "1", "--warmup", "1",
+                              "--compare", "--json", str(out)]))
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for key in ("command", "preset", "batch_size", "image_size", "n_embed", "parameters_m", "step_ms", "images_per_s",
+                "peak_memory_gib", "reference_step_ms", "reference_images_per_s", "reference_peak_memory_gib",
+                "speedup", "device", "precision", "compile", "torch"):
+        assert key in result, key
     assert result["image_size"] == 32 and result["n_embed"] == 64 and result["batch_size"] == 2
-    assert result["images_per_s"] > 0 and result["reference_images_per_s"] > 0 and result["speedup"] > 0
     assert result["peak_memory_gib"] is None  # measured on CUDA only
+    check_rates(result, 2, "images")
+    ours, reference = phases
+    n = 2  # warmup + steps
+    assert (ours["vqgan"], ours["lpips"], ours["disc"]) == (n, n, 2 * n)
+    assert (reference["vqgan"], reference["lpips"], reference["disc"]) == (2 * n, 2 * n, 3 * n)
 
 
-def test_gpt_and_sample_benchmarks():
-    gpt = main(parse_args(["gpt", *TINY_VQGAN, "--gpt-preset", "tiny", "--n-layer", "1", "--batch-size", "2",
-                           "--compare"]))
-    assert gpt["tokens_per_sequence"] == 16 * 16 and gpt["n_layer"] == 1 and gpt["tokens_per_s"] > 0
-    sample = main(parse_args(["sample", *TINY_VQGAN, "--gpt-preset", "tiny", "--n-layer", "1", "--batch-size", "2",
-                              "--top-k", "5"]))
-    assert sample["cached_images_per_s"] > 0 and sample["uncached_images_per_s"] > 0 and sample["decode_s"] > 0
+def test_gpt_compare_times_attention_by_the_explicit_formula(phases):
+    result = main(parse_args(["gpt", *TINY_VQGAN, "--gpt-preset", "tiny", "--n-layer", "1", "--batch-size", "2",
+                              "--steps", "2", "--warmup", "1", "--compare"]))
+    assert result["tokens_per_sequence"] == 16 * 16 and result["n_layer"] == 1
+    check_rates(result, 2 * 256, "tokens")
+    ours, reference = phases
+    assert ours["gpt"] == reference["gpt"] == 3
+    assert ours["gpt_flash_allowed"] == 3 and reference["gpt_flash_allowed"] == 0  # only the math kernel
+
+
+def test_sample_times_the_cache_against_full_forwards(phases):
+    result = main(parse_args(["sample", *TINY_VQGAN, "--gpt-preset", "tiny", "--n-layer", "1", "--batch-size", "2",
+                              "--top-k", "5", "--steps", "1", "--warmup", "0"]))
+    for key in ("cached_s", "cached_images_per_s", "uncached_s", "uncached_images_per_s", "decode_s"):
+        assert result[key] > 0, key
+    assert result["cached_images_per_s"] == pytest.approx(2 / result["cached_s"], rel=1e-12)
+    cached, uncached, decode = phases
+    n = 16 * 16  # tokens per image: one GPT call each
+    assert cached["gpt"] == uncached["gpt"] == n
+    assert cached["gpt_tokens"] == n  # the start token, then one new token per call
+    assert uncached["gpt_tokens"] == n * (n + 1) // 2  # the whole sequence so far, every call
+    assert decode["gpt"] == 0

@@ -3,22 +3,9 @@ import pytest
 import torch
 
 from config import UserError
+from conftest import random_vgg_file, reference_shapes
 from lpips import LPIPS, VGGWeightsUnavailable, lin_weights_path, load_lpips, load_vgg_state
-from test_vqgan import reference_shapes
 from utils import load_checkpoint
-
-
-def random_vgg_file(tmp_path, seed=0):
-    """A VGG16 state dict in torchvision's layout (features.N.*, classifier.*), random weights."""
-    torch.manual_seed(seed)
-    net = LPIPS().net
-    state = {}
-    for name, value in net.state_dict().items():  # slice2.5.weight -> features.5.weight
-        state["features." + name.split(".", 1)[1]] = torch.randn_like(value) * 0.05
-    state["classifier.0.weight"] = torch.randn(4, 4)  # ignored
-    path = tmp_path / "vgg16.pth"
-    torch.save(state, path)
-    return path, state
 
 
 @pytest.fixture
@@ -41,9 +28,9 @@ def test_linear_weights_come_from_the_installed_lpips_package():
 def test_loaded_weights_are_the_files(tmp_path):
     path, state = random_vgg_file(tmp_path)
     model = load_lpips(str(path), allow_download=False)
-    torch.testing.assert_close(getattr(model.net.slice2, "5").weight, state["features.5.weight"])
-    torch.testing.assert_close(getattr(model.net.slice5, "28").bias, state["features.28.bias"])
-    torch.testing.assert_close(model.lin3.model[1].weight, load_checkpoint(str(lin_weights_path()))["lin3.model.1.weight"])
+    assert torch.equal(getattr(model.net.slice2, "5").weight, state["features.5.weight"])  # copies: exact
+    assert torch.equal(getattr(model.net.slice5, "28").bias, state["features.28.bias"])
+    assert torch.equal(model.lin3.model[1].weight, load_checkpoint(str(lin_weights_path()))["lin3.model.1.weight"])
     assert all(not p.requires_grad for p in model.parameters())
     model.train()
     assert not model.training  # a fixed metric: dropout never active
@@ -55,7 +42,7 @@ def test_metric_properties(metric):
     d_xy = metric(x, y)
     assert d_xy.shape == (3, 1, 1, 1)
     assert torch.all(metric(x, x) == 0)
-    torch.testing.assert_close(d_xy, metric(y, x))
+    torch.testing.assert_close(d_xy, metric(y, x), rtol=1e-5, atol=1e-6)  # float32: the two sides sum alike
     assert torch.all(d_xy > 0)
     # closer images are closer
     assert torch.all(metric(x, x + 0.01 * (y - x)) < d_xy)
@@ -65,6 +52,8 @@ def test_gradient_flows_to_input_only(metric):
     x = (torch.rand(1, 3, 32, 32) * 2 - 1).requires_grad_()
     metric(x, torch.zeros(1, 3, 32, 32)).sum().backward()
     assert x.grad.abs().sum() > 0
+    params = list(metric.parameters())
+    assert len(params) == 2 * 13 + 5 and all(p.grad is None for p in params)  # VGG16's 13 convs, 5 linear layers
 
 
 def test_missing_or_wrong_vgg_weights_explain_the_way_out(tmp_path, monkeypatch):

@@ -13,8 +13,8 @@ import torch
 import training_transformer
 import training_vqgan
 from config import parse_train_transformer, parse_train_vqgan
-from conftest import ROOT, write_images
-from test_training_vqgan import TINY_FLAGS, cli
+from conftest import (NO_NETWORK, ROOT, TINY_FLAGS, assert_user_error, make_stage1, random_batch,
+                      write_images)
 from utils import load_checkpoint
 
 STAGE1 = [*TINY_FLAGS, "--disc-start", "1", "--codebook-ema", "0.9", "--codebook-restart-after", "1",
@@ -22,13 +22,6 @@ STAGE1 = [*TINY_FLAGS, "--disc-start", "1", "--codebook-ema", "0.9", "--codebook
 STAGE2 = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "2", "--num-workers", "0", "--device", "cpu",
           "--num-samples", "2", "--lr-warmup-steps", "1", "--pkeep", "0.7", "--log-every", "1", "--sample-every", "100",
           "--save-every", "2", "--val-fraction", "0.2", "--augment"]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rel") / "images"
-    write_images(folder, n=12, size=(24, 24))
-    return folder
 
 
 def assert_same_state(a, b, path=""):
@@ -66,17 +59,14 @@ def test_stage1_resume_is_bit_identical(images, tmp_path):
                                    ("model", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"))
 
 
-def test_stage2_resume_is_bit_identical(images, tmp_path):
-    vq = tmp_path / "vq"
-    training_vqgan.main(parse_train_vqgan(["--dataset-path", str(images), *TINY_FLAGS, "--output-dir", str(vq),
-                                           "--max-steps", "1"]))
+def test_stage2_resume_is_bit_identical(images, vqgan_run, tmp_path):
     assert_resume_is_bit_identical(lambda argv: training_transformer.main(parse_train_transformer(argv)),
-                                   ["--dataset-path", str(images), "--vqgan-checkpoint",
-                                    str(vq / "checkpoints" / "last.pt"), *STAGE2], tmp_path,
-                                   ("model", "optimizer", "scaler", "rng"))
+                                   ["--dataset-path", str(images), "--vqgan-checkpoint", str(vqgan_run.last), *STAGE2],
+                                   tmp_path, ("model", "optimizer", "scaler", "rng"))
 
 
 # ------------------------------------------------------------------------------ crashes, signals
+@pytest.mark.slow
 def test_kill_9_while_saving_leaves_a_loadable_last_pt(tmp_path):
     """A process that keeps overwriting last.pt with a large checkpoint is killed with SIGKILL
     at different moments; each time the file loads and is one complete checkpoint."""
@@ -98,14 +88,16 @@ def test_kill_9_while_saving_leaves_a_loadable_last_pt(tmp_path):
         assert ckpt["w"].shape == (4_000_000,) and bool((ckpt["w"] == ckpt["step"]).all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_saves_and_exits_0(images, tmp_path, sig):
+    """A real process and a real signal (the point of this test)."""
     out = tmp_path / "run"
-    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "training_vqgan.py"), "--dataset-path", str(images),
                              "--output-dir", str(out), *TINY_FLAGS, "--max-steps", "100000", "--log-every", "1",
                              "--save-every", "100000", "--sample-every", "100000", "--max-bad-fraction", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **NO_NETWORK}, cwd=ROOT)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # training has started
         time.sleep(0.1)
@@ -121,20 +113,17 @@ def test_signal_finishes_the_step_saves_and_exits_0(images, tmp_path, sig):
 
 # --------------------------------------------------------------------------------- NaN steps
 def test_non_finite_loss_skips_the_step(tiny_cfg):
-    from test_training_vqgan import batch, stage1
-
-    s = stage1(tiny_cfg, disc_start=0)
-    x = batch()
+    s = make_stage1(tiny_cfg, disc_start=0)
+    x = random_batch()
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     model = [p.detach().clone() for p in s.model.parameters()]
     disc = [p.detach().clone() for p in s.disc.parameters()]
-    adam_state = len(s.opt_g.state)
     logs = training_vqgan.train_step(s, bad, step=0)
     assert logs["skipped"].item() == 1 and not torch.isfinite(logs["loss"])
     assert all(torch.equal(a, b) for a, b in zip(model, s.model.parameters()))  # no update
     assert all(torch.equal(a, b) for a, b in zip(disc, s.disc.parameters()))
-    assert len(s.opt_g.state) == adam_state == 0  # the optimizer did not even count the step
+    assert len(s.opt_g.state) == len(s.opt_d.state) == 0  # the optimizers did not even count the step
     logs = training_vqgan.train_step(s, x, step=1)  # a finite batch trains as usual
     assert logs["skipped"].item() == 0 and any(not torch.equal(a, b) for a, b in zip(model, s.model.parameters()))
 
@@ -158,15 +147,13 @@ def test_a_skipped_step_leaves_the_codebook_as_it_was(tiny_cfg, monkeypatch):
     update and restarts made during the forward pass are undone with the skipped step."""
     import dataclasses
 
-    from test_training_vqgan import batch, stage1
-
     cfg = dataclasses.replace(tiny_cfg, codebook_ema=0.9, codebook_restart_after=1)
-    s = stage1(cfg, disc_start=10**9)
-    training_vqgan.train_step(s, batch(0), step=0)
+    s = make_stage1(cfg, disc_start=10**9)
+    training_vqgan.train_step(s, random_batch(0), step=0)
     before = {k: v.clone() for k, v in s.model.quantize.state_dict().items()}
     s.perceptual = lambda x, y: torch.full((x.shape[0],), float("nan"))
     monkeypatch.setattr(s.cfg, "perceptual_loss_factor", 1.0)
-    logs = training_vqgan.train_step(s, batch(1), step=1)
+    logs = training_vqgan.train_step(s, random_batch(1), step=1)
     assert logs["skipped"].item() == 1
     for k, v in s.model.quantize.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -212,50 +199,93 @@ def bad_files(folder):
     return {str(folder / n) for n in ("truncated.png", "empty.jpg", "text.png", "bomb.png", "icon.bmp")}
 
 
-def test_bad_files_are_skipped_and_listed_once(tmp_path):
+def test_bad_files_are_skipped_and_listed_once(tmp_path, cli):
     data = tmp_path / "data"
     write_images(data, n=12, size=(24, 24))
     bad = bad_files(data / "bad")
     out = tmp_path / "run"
-    r = cli("--dataset-path", str(data), "--output-dir", str(out), *TINY_FLAGS, "--epochs", "2",
+    r = cli("training_vqgan", "--dataset-path", data, "--output-dir", out, *TINY_FLAGS, "--epochs", "2",
             "--max-bad-fraction", "0.5", "--val-fraction", "0.2", "--log-every", "1", "--sample-every", "1000")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = (out / "skipped_files.txt").read_text().splitlines()
     assert {line.split("\t")[0] for line in lines} == bad and len(lines) == len(bad)  # each exactly once
     assert all(line.split("\t")[1] for line in lines)  # with its reason
+    assert all(r.stderr.count(f"warning: skipping {path}:") == 1 for path in bad)  # each warned about once
     # more bad files than allowed: one clear message before training
-    r = cli("--dataset-path", str(data), "--output-dir", str(tmp_path / "run2"), *TINY_FLAGS, "--max-steps", "1",
-            "--max-bad-fraction", "0.1")
-    assert r.returncode == 2 and "--max-bad-fraction" in r.stderr and "Traceback" not in r.stderr
+    r = cli("training_vqgan", "--dataset-path", data, "--output-dir", tmp_path / "run2", *TINY_FLAGS,
+            "--max-steps", "1", "--max-bad-fraction", "0.1")
+    assert_user_error(r, "--max-bad-fraction")
 
 
 # --------------------------------------------------------------------------- bad configuration
-@pytest.mark.parametrize("case", ["batch_too_big", "unwritable_output", "stage2_as_vqgan", "malicious_resume"])
-def test_bad_configuration_exits_2_before_training(images, tmp_path, case):
-    args = ["--dataset-path", str(images), "--output-dir", str(tmp_path / "run"), *TINY_FLAGS, "--max-steps", "1"]
+def _stage2_checkpoint(tmp_path):
+    torch.save({"kind": "transformer", "model": {}}, tmp_path / "gpt.pt")
+    return tmp_path / "gpt.pt"
+
+
+def _file_as_parent(tmp_path):
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file"
+
+
+# (script, extra flags, what the message names, the fix it gives); the output folder is tmp/run
+BAD_CONFIGURATIONS = {
+    "batch_too_big": ("training_vqgan", lambda tmp: ["--batch-size", "64"], "larger than the",
+                      "lower --batch-size"),
+    "unwritable_output": ("training_vqgan", lambda tmp: ["--output-dir", _file_as_parent(tmp) / "run"],
+                          "cannot write to the output folder", "choose a writable --output-dir"),
+    "resume_from_stage2": ("training_vqgan", lambda tmp: ["--resume", _stage2_checkpoint(tmp)],
+                           "not a stage-1 training checkpoint", "--resume takes a checkpoint written by"),
+    "stage2_as_vqgan": ("training_transformer", lambda tmp: ["--vqgan-checkpoint", _stage2_checkpoint(tmp)],
+                        "not a VQGAN checkpoint", "give the stage-1 checkpoint"),
+    "gpt_too_big_for_batch": ("training_transformer", lambda tmp: ["--vqgan-checkpoint", tmp / "vq.pt",
+                                                                    "--batch-size", "64"],
+                              "larger than the", "lower --batch-size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGURATIONS))
+def test_bad_configuration_exits_2_before_training(images, vqgan_run, tmp_path, cli, case):
+    import shutil
+
+    script, extra, problem, fix = BAD_CONFIGURATIONS[case]
+    shutil.copy(vqgan_run.last, tmp_path / "vq.pt")
+    flags = TINY_FLAGS if script == "training_vqgan" else ["--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                                                            "--num-workers", "0", "--device", "cpu"]
+    r = cli(script, "--dataset-path", images, "--output-dir", tmp_path / "run", *flags, "--max-steps", "1",
+            *extra(tmp_path))
+    assert_user_error(r, problem)
+    assert fix in r.stderr
+    assert not (tmp_path / "run").exists()  # no run folder left behind
+
+
+def test_a_malicious_resume_checkpoint_never_runs_its_payload(images, tmp_path, cli):
     marker = tmp_path / "payload_ran"
-    if case == "batch_too_big":
-        args += ["--batch-size", "64"]
-        expect = "larger than the"
-    elif case == "unwritable_output":
-        (tmp_path / "file").write_text("x")
-        args[3] = str(tmp_path / "file" / "run")  # a folder inside a file
-        expect = "cannot write to the output folder"
-    elif case == "malicious_resume":
-        class Payload:
-            def __reduce__(self):
-                return (os.system, (f"touch {marker}",))
-        torch.save({"kind": "vqgan", "payload": Payload()}, tmp_path / "evil.pt")
-        args += ["--resume", str(tmp_path / "evil.pt")]
-        expect = "not a stage-1 training checkpoint"
-    else:  # a stage-2 checkpoint where stage 2 needs its VQGAN
-        torch.save({"kind": "transformer", "model": {}}, tmp_path / "gpt.pt")
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "training_transformer.py"), "--dataset-path",
-                            str(images), "--vqgan-checkpoint", str(tmp_path / "gpt.pt"), "--output-dir",
-                            str(tmp_path / "t"), "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=240)
-        assert r.returncode == 2 and "not a VQGAN checkpoint" in r.stderr and "Traceback" not in r.stderr
-        return
-    r = cli(*args)
-    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"kind": "vqgan", "payload": Payload()}, tmp_path / "evil.pt")
+    r = cli("training_vqgan", "--dataset-path", images, "--output-dir", tmp_path / "run", *TINY_FLAGS,
+            "--max-steps", "1", "--resume", tmp_path / "evil.pt")
+    assert_user_error(r, "not a stage-1 training checkpoint")
     assert not marker.exists()  # the pickled payload never ran
-    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["training_vqgan", "training_transformer", "sample_transformer",
+                                    "evaluate_vqgan", "benchmark"])
+def test_every_script_run_as_a_program_exits_2_on_a_user_error(tmp_path, script):
+    """`python SCRIPT.py ...` as users type it: the exit code and the one error line come through
+    the script's __main__ (every other CLI test calls the same cli() in-process)."""
+    args = {"training_vqgan": ["--batch-size", "0"], "training_transformer": ["--batch-size", "0"],
+            "sample_transformer": ["--checkpoint", str(tmp_path / "missing.pt")],
+            "evaluate_vqgan": ["--checkpoint", str(tmp_path / "missing.pt")],
+            "benchmark": ["stage1", "--batch-size", "0", "--device", "cpu"]}[script]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *args], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120, env={**os.environ, **NO_NETWORK})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -48,18 +48,42 @@ def test_sampling_options_that_leave_nothing_are_refused(small_cfg):
             m.sample(1, **kw)
 
 
-def test_cached_and_uncached_greedy_sampling_agree(small_cfg):
-    m = make(small_cfg)
+def test_cached_and_uncached_greedy_sampling_agree(small_cfg, float64):
+    m = make(small_cfg)  # float64: the two paths' logits agree to ~1e-15, so no argmax can flip
     a = m.sample(3, top_k=1, use_cache=True)
     b = m.sample(3, top_k=1, use_cache=False)
     assert a.shape == (3, 4, 4) and torch.equal(a, b)
 
 
-def test_sampling_under_autocast(small_cfg):
-    m = make(small_cfg)
+def test_greedy_sampling_under_bf16_autocast_equals_float32(small_cfg, monkeypatch):
+    """A GPT trained to continue one sequence (so every next code leads the runner-up by a clear
+    margin) samples the same greedy tokens under bf16 autocast as in float32, through a
+    key/value cache held in bf16."""
+    m = make(small_cfg).train()
+    target = ((torch.arange(16) * 5 + 3) % 64).view(1, 4, 4)
+    opt = torch.optim.AdamW(m.gpt.parameters(), lr=1e-2)
+    for _ in range(40):
+        _, loss = m(target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    greedy = m.sample(2, top_k=1)
+    assert torch.equal(greedy, target.expand(2, 4, 4))
+    with torch.no_grad():  # the margins, along the greedy path, in float32 and in bf16
+        inputs = torch.cat([m.first_tokens(None, 2, "cpu"), greedy.flatten(1)[:, :-1]], 1)
+        logits = m.gpt(inputs)[..., :64]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_logits = m.gpt(inputs)[..., :64].float()
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 20 * (logits - bf16_logits).abs().max()
+    caches = []
+    new_cache = m.gpt.new_cache
+    monkeypatch.setattr(m.gpt, "new_cache", lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m.sample(2, top_k=5, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (2, 4, 4) and out.min() >= 0 and out.max() < 64
+        bf16 = m.sample(2, top_k=1)
+    assert torch.equal(bf16, greedy)
+    assert len(caches) == 1 and caches[0].k.dtype == caches[0].v.dtype == torch.bfloat16
 
 
 def test_special_tokens_are_never_sampled(small_cfg):
@@ -70,7 +94,7 @@ def test_special_tokens_are_never_sampled(small_cfg):
     assert out.min() >= 0 and out.max() < 64
 
 
-def test_sliding_window(small_cfg):
+def test_sliding_window(small_cfg, float64):
     m = make(small_cfg)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     big = m.sample(2, grid=(6, 9), generator=g(), top_k=10)
