@@ -23,49 +23,79 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from config import (GPT_PRESETS, PRESETS, GPTConfig, TrainTransformerConfig, TrainVQGANConfig, UserError, VQGANConfig,
-                    _add_fields, make_config)
-from discriminator import calculate_adaptive_weight, hinge_d_loss
+from config import (GPT_PRESETS, PRESETS, GPTConfig, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig, add_fields,
+                    given_values, make_config, option)
+from errors import UserError
+from losses import LossWeights, reference_step
 from lpips import LPIPS
 from utils import autocast, log, resolve_device, resolve_precision, run_cli
 from vqgan import VQGAN
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+@dataclass
+class BenchConfig:
+    """What every subcommand takes (and, with the model fields, overrides of the presets)."""
+    preset: str = option("f16-1024", f"stage-1 preset: {', '.join(PRESETS)}")
+    batch_size: int = option(16, "images per step")
+    device: str = option("auto", "torch device; auto = cuda when available, else cpu")
+    precision: str = option("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = option(False, "torch.compile as training does with --compile")
+    steps: int = option(20, "timed steps")
+    warmup: int = option(5, "untimed steps first")
+    json: Optional[str] = option(None, "also write the result to this JSON file")
+    command: str = "stage1"  # the subcommand (not a flag)
+    model: dict = dataclasses.field(default_factory=dict)  # model fields given as flags (not a flag itself)
+
+
+@dataclass
+class Stage1Bench(BenchConfig):
+    compare: bool = option(False, "also time the reference's training step (losses.reference_step)")
+    disc_joint_batch: bool = option(False, "our step with one discriminator pass over real and fake (training's --disc-joint-batch)")
+
+
+@dataclass
+class GPTBench(BenchConfig):
+    gpt_preset: str = option("f16-1024", f"GPT preset: {', '.join(GPT_PRESETS)}")
+    compare: bool = option(False, "also time the step with attention by the explicit softmax formula")
+
+
+@dataclass
+class SampleBench(BenchConfig):
+    gpt_preset: str = option("f16-1024", f"GPT preset: {', '.join(GPT_PRESETS)}")
+    top_k: int = option(100, "top-k sampling")
+    steps: int = 3  # a whole token grid per step: fewer steps
+    warmup: int = 1
+
+
+COMMANDS = {"stage1": (Stage1Bench, "one VQGAN training step: generator and discriminator, GAN and LPIPS active", (VQGANConfig,)),
+            "gpt": (GPTBench, "one GPT training step on cached tokens", (VQGANConfig, GPTConfig)),
+            "sample": (SampleBench, "sampling a full token grid per image, with and without the key/value cache",
+                       (VQGANConfig, GPTConfig))}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> BenchConfig:
     p = argparse.ArgumentParser(description="Benchmark VQGAN training (stage1), GPT training (gpt) and sampling (sample).")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help in (("stage1", "one VQGAN training step: generator and discriminator, GAN and LPIPS active"),
-                       ("gpt", "one GPT training step on cached tokens"),
-                       ("sample", "sampling a full token grid per image, with and without the key/value cache")):
-        sp = sub.add_parser(name, help=help)
-        sp.add_argument("--preset", default="f16-1024", help=f"stage-1 preset: {', '.join(PRESETS)} (default: f16-1024)")
-        sp.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
-        sp.add_argument("--device", default="auto", help="torch device (default: cuda when available)")
-        sp.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="autocast precision (default: auto = bf16 on CUDA where supported, else fp32)")
-        sp.add_argument("--compile", action="store_true", help="torch.compile as training does with --compile")
-        sp.add_argument("--steps", type=int, default=20 if name != "sample" else 3, help="timed steps (default: 20; sample: 3)")
-        sp.add_argument("--warmup", type=int, default=5 if name != "sample" else 1, help="untimed steps first (default: 5; sample: 1)")
-        sp.add_argument("--json", default=None, help="also write the result to this JSON file")
-        if name != "sample":
-            sp.add_argument("--compare", action="store_true", help="also time the straightforward implementation")
-        if name != "stage1":
-            sp.add_argument("--gpt-preset", default="f16-1024", help=f"GPT preset: {', '.join(GPT_PRESETS)} (default: f16-1024)")
-        if name == "sample":
-            sp.add_argument("--top-k", type=int, default=100, help="top-k sampling (default: 100)")
-        _add_fields(sp, VQGANConfig, "stage-1 model (overrides the preset)")
-        if name != "stage1":
-            _add_fields(sp, GPTConfig, "GPT (overrides --gpt-preset)")
-    return p.parse_args(argv)
+    for name, (cls, help, model_classes) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help, description=help)
+        add_fields(sp, cls, skip=("command", "model"))
+        for model_cls in model_classes:
+            add_fields(sp, model_cls, f"{model_cls.__name__} fields (override the preset)")
+    given = given_values(p.parse_args(argv))
+    cls = COMMANDS[given["command"]][0]
+    own = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in given.items() if k in own},
+               model={k: v for k, v in given.items() if k not in own})
 
 
-def model_flags(args: argparse.Namespace, cls) -> dict:
-    names = {f for f in cls.__dataclass_fields__}
-    return {k: v for k, v in vars(args).items() if k in names}
+def model_flags(args: BenchConfig, cls) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in args.model.items() if k in names}
 
 
 class Timer:
@@ -103,39 +133,17 @@ def measure(fn: Callable, device: torch.device, steps: int, warmup: int) -> dict
 
 
 # ------------------------------------------------------------------------------------ stage 1
-def reference_step(s, x: torch.Tensor, step: int) -> None:
-    """The reference's stage-1 training step as its trainer runs it (PyTorch Lightning, one
-    optimizer after the other), written with this project's modules: the straightforward
-    implementation the fast path is compared with."""
-    cfg = s.cfg
-    with autocast(s.device, s.amp_dtype):  # generator: optimizer_idx 0
-        x_rec, _, q_loss = s.model(x)
-        nll = (x - x_rec).abs().mean() + cfg.perceptual_loss_factor * s.perceptual(x, x_rec).mean()
-        g_loss = -s.disc(x_rec).mean()
-        d_weight = cfg.disc_weight * calculate_adaptive_weight(nll, g_loss, s.model.last_layer)
-        loss = nll + d_weight * cfg.disc_factor * g_loss + cfg.codebook_weight * q_loss
-    s.opt_g.zero_grad(set_to_none=True)
-    loss.backward()  # also fills the discriminator's gradients, as the reference does
-    s.opt_g.step()
-    with autocast(s.device, s.amp_dtype):  # discriminator: optimizer_idx 1 runs the model again
-        x_rec, _, q_loss = s.model(x)
-        (x - x_rec).abs().mean() + s.perceptual(x, x_rec).mean()  # its loss computes these first
-        d_loss = cfg.disc_factor * hinge_d_loss(s.disc(x.detach()), s.disc(x_rec.detach()))
-    s.opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
-    s.opt_d.step()
-
-
-def bench_stage1(args: argparse.Namespace, device: torch.device) -> dict:
+def bench_stage1(args: BenchConfig, device: torch.device) -> dict:
     from training_vqgan import build_stage1, train_step
 
     cfg = make_config(TrainVQGANConfig, VQGANConfig, {"preset": args.preset, **model_flags(args, VQGANConfig),
                                                       "batch_size": args.batch_size, "precision": args.precision,
-                                                      "compile": args.compile, "disc_start": 0},
+                                                      "compile": args.compile, "disc_start": 0,
+                                                      "disc_joint_batch": args.disc_joint_batch},
                       PRESETS)
     mc = cfg.model
     torch.manual_seed(0)
-    s = build_stage1(cfg, device, LPIPS())  # random VGG16: the same compute as the real one
+    s = build_stage1(cfg, device, LPIPS(), total_steps=10 ** 6)  # random VGG16: the same compute as the real one
     s.model.train()
     s.disc.train()
     x = (torch.rand(args.batch_size, mc.in_channels, mc.resolution, mc.resolution, device=device) * 2 - 1)
@@ -146,17 +154,19 @@ def bench_stage1(args: argparse.Namespace, device: torch.device) -> dict:
                   peak_memory_gib=m["peak_memory_gib"])
     if args.compare:
         torch.manual_seed(0)
-        ref = build_stage1(dataclasses.replace(cfg, compile=False), device, LPIPS())
+        ref = build_stage1(dataclasses.replace(cfg, compile=False), device, LPIPS(), total_steps=10 ** 6)
         ref.model.train()
         ref.disc.train()
-        r = measure(lambda: reference_step(ref, x, step=0), device, args.steps, args.warmup)
+        step = lambda: reference_step(ref.model, ref.disc, ref.perceptual, ref.opt_g, ref.opt_d, x,  # noqa: E731
+                                      LossWeights.of(cfg), lambda: autocast(device, ref.amp_dtype))
+        r = measure(step, device, args.steps, args.warmup)
         result.update(reference_step_ms=r["median_ms"], reference_images_per_s=args.batch_size * 1000 / r["median_ms"],
                       reference_peak_memory_gib=r["peak_memory_gib"], speedup=r["median_ms"] / m["median_ms"])
     return result
 
 
 # ------------------------------------------------------------------------------------ stage 2
-def build_transformer(args: argparse.Namespace, device: torch.device):
+def build_transformer(args: BenchConfig, device: torch.device):
     from transformer import VQGANTransformer, gpt_shape
 
     tcfg = make_config(TrainTransformerConfig, GPTConfig, {"preset": args.gpt_preset, **model_flags(args, GPTConfig),
@@ -170,19 +180,13 @@ def build_transformer(args: argparse.Namespace, device: torch.device):
     return tcfg, vcfg, model
 
 
-def bench_gpt(args: argparse.Namespace, device: torch.device) -> dict:
+def bench_gpt(args: GPTBench, device: torch.device) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from training_transformer import Stage2, train_step
+    from training_transformer import build_stage2, train_step
 
     tcfg, vcfg, model = build_transformer(args, device)
-    opt = torch.optim.AdamW(model.gpt.optimizer_groups(tcfg.weight_decay), lr=tcfg.learning_rate,
-                            betas=(tcfg.beta1, tcfg.beta2), fused=device.type == "cuda")
-    amp_dtype = resolve_precision(tcfg.precision, device)
-    if tcfg.compile:
-        model.gpt.compile()
-    s = Stage2(cfg=tcfg, model=model.train(), opt=opt, device=device, amp_dtype=amp_dtype, total_steps=10 ** 6,
-               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+    s = build_stage2(tcfg, model.train(), device, total_steps=10 ** 6)
     h = vcfg.latent_size
     tokens = torch.randint(vcfg.n_embed, (args.batch_size, h, h), device=device)
     per_step = args.batch_size * h * h
@@ -200,7 +204,7 @@ def bench_gpt(args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
-def bench_sample(args: argparse.Namespace, device: torch.device) -> dict:
+def bench_sample(args: SampleBench, device: torch.device) -> dict:
     tcfg, vcfg, model = build_transformer(args, device)
     model.eval()
     amp_dtype = resolve_precision(tcfg.precision, device)
@@ -228,7 +232,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: BenchConfig) -> dict:
     device = resolve_device(args.device)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise UserError("--batch-size and --steps must be at least 1, --warmup at least 0.")

@@ -1,5 +1,6 @@
 """Configuration: dataclasses for the models and the training runs, named presets, and the one
-bridge from argparse to them (a flag per field, generated from the fields, one help line each).
+bridge from argparse to dataclasses (a flag per field, generated from the fields, one help line
+each) that every script uses to build its flags.
 
 Stdlib only. Precedence when building a run's config: dataclass defaults < preset < the demo's
 settings (only when no dataset is given) < flags given on the command line.
@@ -8,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
+import json
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from errors import UserError
 
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad config, wrong checkpoint). The scripts print its
-    message as one paragraph and exit with code 2 instead of showing a traceback."""
+
+def option(default, help: str, *, choices=None, required: bool = False, nargs=None, metavar=None):
+    """A dataclass field that is also a command-line flag: its default, its one help line, and
+    argparse details (choices, required, nargs, metavar). Every script declares its options so."""
+    return field(default=default, metadata=dict(help=help, choices=choices, required=required, nargs=nargs,
+                                                metavar=metavar))
 
 
 def _require(cfg, minimums: dict) -> None:
@@ -24,37 +29,34 @@ def _require(cfg, minimums: dict) -> None:
     for name, low in minimums.items():
         value = getattr(cfg, name)
         if value is not None and value < low:
-            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be at least {low}.")
-
-
-def _f(default, help: str, *aliases: str, choices=None):
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+            raise UserError(f"{_flag(name)} {value} is out of range: it must be at least {low}.")
 
 
 @dataclass
 class VQGANConfig:
     """Stage-1 architecture. Defaults are the reference's ImageNet f16-1024 model."""
-    ch: int = _f(128, "base channel width of encoder and decoder")
-    ch_mult: tuple[int, ...] = _f((1, 1, 2, 2, 4), "width multiplier per level; the image is downsampled len-1 times")
-    num_res_blocks: int = _f(2, "ResnetBlocks per encoder level (the decoder has one more)")
-    attn_resolutions: tuple[int, ...] = _f((16,), "feature-map sides, counted from --resolution, that get self-attention")
-    dropout: float = _f(0.0, "dropout inside ResnetBlocks")
-    in_channels: int = _f(3, "channels of input images (1 or 3)")
-    out_channels: int = _f(3, "channels of reconstructed images")
-    resolution: int = _f(256, "training image side in pixels; also places attention", "--image-size")
-    z_channels: int = _f(256, "channels of the encoder output z")
-    embed_dim: int = _f(256, "dimension of a codebook vector")
-    n_embed: int = _f(1024, "number of codebook vectors", "--num-codebook-vectors")
-    beta: float = _f(0.25, "commitment weight of the codebook loss")
-    legacy_beta: bool = _f(False, "put beta on the codebook term as the reference does (default: on the commitment term, as in the VQ-VAE paper)")
-    quantizer: str = _f("vq", "vq: nearest code (VQ-VAE); gumbel: Gumbel-softmax (the reference's Gumbel f8 model)", choices=("vq", "gumbel"))
+    ch: int = option(128, "base channel width of encoder and decoder")
+    ch_mult: tuple[int, ...] = option((1, 1, 2, 2, 4), "width multiplier per level; the image is downsampled len-1 times")
+    num_res_blocks: int = option(2, "ResnetBlocks per encoder level (the decoder has one more)")
+    attn_resolutions: tuple[int, ...] = option((16,), "feature-map sides, counted from --resolution, that get self-attention")
+    dropout: float = option(0.0, "dropout inside ResnetBlocks")
+    in_channels: int = option(3, "channels of input images (1 or 3)")
+    out_channels: int = option(3, "channels of reconstructed images")
+    resolution: int = option(256, "training image side in pixels; also places attention")
+    z_channels: int = option(256, "channels of the encoder output z")
+    embed_dim: int = option(256, "dimension of a codebook vector")
+    n_embed: int = option(1024, "number of codebook vectors")
+    beta: float = option(0.25, "commitment weight of the codebook loss")
+    legacy_beta: bool = option(False, "put beta on the codebook term as the reference's VectorQuantizer does (default: on the commitment term, as in the VQ-VAE paper)")
+    quantizer: str = option("vq", "vq: nearest code (VQ-VAE); gumbel: Gumbel-softmax (the reference's Gumbel f8 model)", choices=("vq", "gumbel"))
+    gumbel_kl_weight: float = option(1e-8, "weight of the Gumbel quantizer's KL term towards uniform code use (the reference's GumbelVQ)")
     # Codebook techniques (codebook.py says what each does and where it comes from); off = plain VQ.
-    codebook_l2_norm: bool = _f(False, "look codes up by cosine similarity of l2-normalized vectors (ViT-VQGAN)")
-    codebook_dim: int = _f(0, "look codes up in this many dimensions, projected from and back to --embed-dim (ViT-VQGAN factorized codes; 0: no projection)")
-    codebook_ema: float = _f(0.0, "decay of EMA code updates instead of codebook gradients, e.g. 0.99 (VQ-VAE appendix; 0: off)")
-    codebook_kmeans_init: bool = _f(False, "initialize the codes by k-means on the first batches' encoder outputs")
-    codebook_restart_after: int = _f(0, "replace a code unused for this many steps by a recent encoder output (Jukebox; 0: off)")
-    codebook_entropy_weight: float = _f(0.0, "weight of the entropy regularizer on soft code assignments (MAGVIT-v2; 0: off)")
+    codebook_l2_norm: bool = option(False, "look codes up by cosine similarity of l2-normalized vectors (ViT-VQGAN)")
+    codebook_dim: int = option(0, "look codes up in this many dimensions, projected from and back to --embed-dim (ViT-VQGAN factorized codes; 0: no projection)")
+    codebook_ema: float = option(0.0, "decay of EMA code updates instead of codebook gradients, e.g. 0.99 (VQ-VAE appendix; 0: off)")
+    codebook_kmeans_init: bool = option(False, "initialize the codes by k-means on the first batches' encoder outputs")
+    codebook_restart_after: int = option(0, "replace a code unused for this many optimizer steps by a recent encoder output (Jukebox; 0: off)")
+    codebook_entropy_weight: float = option(0.0, "weight of the entropy regularizer on soft code assignments (MAGVIT-v2; 0: off)")
 
     def __post_init__(self):
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
@@ -62,8 +64,8 @@ class VQGANConfig:
             raise UserError(f"--ch-mult {' '.join(map(str, self.ch_mult))} is invalid: give one positive "
                             "multiplier per level, e.g. --ch-mult 1 2 4.")
         _require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
-                            embed_dim=1, n_embed=1, beta=0.0, dropout=0.0))
-        _require(self, dict(codebook_dim=0, codebook_ema=0.0, codebook_restart_after=0, codebook_entropy_weight=0.0))
+                            embed_dim=1, n_embed=1, beta=0.0, dropout=0.0, gumbel_kl_weight=0.0, codebook_dim=0,
+                            codebook_ema=0.0, codebook_restart_after=0, codebook_entropy_weight=0.0))
         if not self.codebook_ema < 1.0:
             raise UserError(f"--codebook-ema {self.codebook_ema} is out of range: give a decay below 1, e.g. 0.99, "
                             "or 0 to train the codes by gradient.")
@@ -96,32 +98,66 @@ class VQGANConfig:
 
 
 @dataclass
-class RunConfig:
-    """What every training run has besides its own fields: length, data loading, seeding,
-    logging, checkpoints, precision and device. The flags list a run's own fields first."""
-    epochs: int = _f(100, "upper bound on passes over the data")
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (default: only --epochs bounds the run)")
-    val_fraction: float = _f(0.05, "fraction of the images held out for validation")
-    num_workers: int = _f(2, "data-loading worker processes")
-    seed: int = _f(0, "random seed of weights, data order and augmentation")
-    log_every: int = _f(50, "steps between metrics.jsonl lines")
-    sample_every: int = _f(1000, "steps between sample grids and validation")
-    save_every: int = _f(1000, "steps between checkpoints")
-    keep_checkpoints: int = _f(3, "numbered snapshots kept besides last.pt")
-    precision: str = _f("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = _f("auto", "torch device; auto = cuda when available, else cpu")
-    resume: Optional[str] = _f(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
-    tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
-    compile: bool = _f(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT)")
-    grad_accum: int = _f(1, "micro-batches of --batch-size per optimizer step (gradients synchronized on the last only)")
-    max_bad_fraction: float = _f(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
-    max_bad_steps: int = _f(20, "stop (after saving) when this many steps in a row had non-finite losses or gradients; each is skipped")
-    scale_lr: bool = _f(False, "multiply --learning-rate by the global batch (batch size x processes x --grad-accum), as the reference does")
-    val_batches: int = _f(50, "validation batches evaluated at each sample step (0: the whole validation split)")
+class GPTConfig:
+    """Stage-2 transformer. vocab_size and block_size are derived from the VQGAN, the classes and
+    the token layout (transformer.py, TokenLayout), never given as flags."""
+    vocab_size: int = field(default=1025, metadata={"derived": True})
+    block_size: int = field(default=256, metadata={"derived": True})
+    n_layer: int = option(24, "transformer blocks")
+    n_head: int = option(16, "attention heads")
+    n_embd: int = option(1024, "width of the transformer")
+    embd_pdrop: float = option(0.0, "dropout on token + position embeddings")
+    resid_pdrop: float = option(0.0, "dropout on residual branches")
+    attn_pdrop: float = option(0.0, "dropout on attention weights")
 
     def __post_init__(self):
-        _require(self, dict(batch_size=1, grad_accum=1, max_bad_steps=1, epochs=1, max_steps=1, learning_rate=0.0, lr_warmup_steps=0, num_workers=0,
-                            log_every=1, sample_every=1, save_every=1, keep_checkpoints=0, val_batches=0))
+        _require(self, dict(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1))
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: every head needs "
+                            "an equal share of the width.")
+        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{_flag(name)} must be in [0, 1).")
+
+
+@dataclass
+class RunConfig:
+    """What every training run has: data, length, optimizer, schedule, loading, seeding, logging,
+    checkpoints, precision and device. Each stage's config lists its own fields first and may
+    give these other defaults."""
+    dataset_path: Optional[str] = option(None, "folder of training images, searched recursively; omit to train on the built-in demo photographs")
+    output_dir: str = option("runs/vqgan", "run folder: config.json, checkpoints/, samples/, metrics.jsonl")
+    preset: Optional[str] = option(None, "named configuration to start from (the list is at the end of --help)")
+    batch_size: int = option(8, "samples per micro-batch and process")
+    learning_rate: float = option(2.25e-05, "learning rate (its peak, with warmup or cosine decay)")
+    lr_warmup_steps: int = option(0, "linear learning-rate warmup, in steps")
+    lr_schedule: str = option("constant", "learning rate after the warmup: constant, or cosine decay to a tenth at the last step", choices=("constant", "cosine"))
+    beta1: float = option(0.5, "Adam beta1")
+    beta2: float = option(0.9, "Adam beta2")
+    epochs: int = option(100, "upper bound on passes over the data")
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps (default: only --epochs bounds the run)")
+    grad_accum: int = option(1, "micro-batches of --batch-size per optimizer step (gradients synchronized on the last only)")
+    scale_lr: bool = option(False, "multiply --learning-rate by the global batch (batch size x processes x --grad-accum), as the reference does")
+    val_fraction: float = option(0.05, "fraction of the images held out for validation")
+    val_batches: int = option(50, "validation batches evaluated at each sample step (0: the whole validation split)")
+    num_workers: int = option(2, "data-loading worker processes")
+    seed: int = option(0, "random seed of weights, data order and augmentation")
+    log_every: int = option(50, "steps between metrics.jsonl lines")
+    sample_every: int = option(1000, "steps between sample grids and validation")
+    save_every: int = option(1000, "steps between checkpoints")
+    keep_checkpoints: int = option(3, "numbered snapshots kept besides last.pt")
+    precision: str = option("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = option("auto", "torch device; auto = cuda when available, else cpu")
+    resume: Optional[str] = option(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
+    tensorboard: bool = option(False, "also write TensorBoard events (needs the tensorboard package)")
+    compile: bool = option(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT)")
+    max_bad_fraction: float = option(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
+    max_bad_steps: int = option(20, "stop (after saving) when this many steps in a row had non-finite losses or gradients; each is skipped")
+
+    def __post_init__(self):
+        _require(self, dict(batch_size=1, grad_accum=1, max_bad_steps=1, epochs=1, max_steps=1, learning_rate=0.0,
+                            lr_warmup_steps=0, num_workers=0, log_every=1, sample_every=1, save_every=1,
+                            keep_checkpoints=0, val_batches=0))
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise UserError(f"--max-bad-fraction {self.max_bad_fraction} is out of range: use a value in [0, 1].")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -131,87 +167,63 @@ class RunConfig:
 @dataclass
 class TrainVQGANConfig(RunConfig):
     """A stage-1 training run (training_vqgan.py)."""
-    dataset_path: Optional[str] = _f(None, "folder of training images, searched recursively; omit to train the built-in demo")
-    output_dir: str = _f("runs/vqgan", "run folder: config.json, checkpoints/, samples/, metrics.jsonl")
-    preset: Optional[str] = _f(None, "named configuration to start from (see PRESETS in config.py)")
-    batch_size: int = _f(8, "images per optimizer step")
-    learning_rate: float = _f(2.25e-05, "Adam learning rate of the VQGAN and the discriminator")
-    beta1: float = _f(0.5, "Adam beta1")
-    beta2: float = _f(0.9, "Adam beta2")
-    lr_warmup_steps: int = _f(0, "linear learning-rate warmup, in steps")
-    lr_schedule: str = _f("constant", "learning rate after the warmup: constant (as the reference) or cosine decay to a tenth at the last step", choices=("constant", "cosine"))
-    disc_start: int = _f(10000, "step at which the discriminator and the GAN loss switch on")
-    disc_factor: float = _f(1.0, "weight of the GAN losses once the discriminator is on")
-    disc_weight: float = _f(0.8, "multiplies the adaptive weight lambda (the reference's disc_weight)")
-    disc_loss: str = _f("hinge", "discriminator loss", choices=("hinge", "vanilla"))
-    disc_ndf: int = _f(64, "width of the first PatchGAN layer")
-    disc_layers: int = _f(3, "stride-2 layers of the PatchGAN")
-    rec_loss_factor: float = _f(1.0, "weight of the L1 reconstruction loss")
-    perceptual_loss_factor: float = _f(1.0, "weight of the LPIPS perceptual loss (0 disables LPIPS and its VGG16)")
-    codebook_weight: float = _f(1.0, "weight of the codebook loss")
-    vgg_weights: Optional[str] = _f(None, "VGG16 weights for LPIPS: torchvision's vgg16 file, or a taming-transformers VQGAN .ckpt (VGG16 and linear layers); default: torchvision's ImageNet weights, downloaded once")
-    flip: bool = _f(True, "random horizontal flips of training images")
-    usage_window: int = _f(100, "recent batches over which codebook usage and perplexity are also reported")
-    sync_batchnorm: bool = _f(False, "under torchrun on CUDA, the discriminator's BatchNorm uses statistics of the global batch")
+    disc_start: int = option(10000, "step at which the discriminator and the GAN loss switch on")
+    disc_factor: float = option(1.0, "weight of the GAN losses once the discriminator is on")
+    disc_weight: float = option(0.8, "multiplies the adaptive weight lambda (the reference's disc_weight)")
+    disc_loss: str = option("hinge", "discriminator loss", choices=("hinge", "vanilla"))
+    disc_ndf: int = option(64, "width of the first PatchGAN layer")
+    disc_layers: int = option(3, "stride-2 layers of the PatchGAN")
+    disc_joint_batch: bool = option(False, "score real and reconstructed images in one discriminator forward over both (BatchNorm then normalizes them together); default: separate passes, as the reference")
+    rec_loss_factor: float = option(1.0, "weight of the L1 reconstruction loss")
+    perceptual_loss_factor: float = option(1.0, "weight of the LPIPS perceptual loss (0 disables LPIPS and its VGG16)")
+    codebook_weight: float = option(1.0, "weight of the codebook loss")
+    vgg_weights: Optional[str] = option(None, "VGG16 weights for LPIPS: torchvision's vgg16 file, or a taming-transformers VQGAN .ckpt (VGG16 and linear layers); default: torchvision's ImageNet weights, downloaded once")
+    flip: bool = option(True, "random horizontal flips of training images")
+    color_augment: bool = option(False, "random colour jitter, greyscale and scale of training crops (the demo's: eight photographs are otherwise learnt colour by colour)")
+    usage_window: int = option(100, "recent batches over which codebook usage and perplexity are also reported")
+    sync_batchnorm: bool = option(False, "under torchrun on CUDA, the discriminator's BatchNorm uses statistics of the global batch")
+    gumbel_temperature_start: float = option(0.9, "--quantizer gumbel: the Gumbel-softmax temperature at step 0 (the reference's schedule)")
+    gumbel_temperature_end: float = option(1e-6, "--quantizer gumbel: the temperature the cosine schedule reaches at --gumbel-temperature-steps")
+    gumbel_temperature_steps: int = option(1000001, "--quantizer gumbel: steps of the cosine temperature schedule")
     model: VQGANConfig = field(default_factory=VQGANConfig)
 
     def __post_init__(self):
         super().__post_init__()
         _require(self, dict(disc_start=0, disc_factor=0.0, disc_weight=0.0, disc_ndf=1, disc_layers=1,
-                            rec_loss_factor=0.0, perceptual_loss_factor=0.0, codebook_weight=0.0, usage_window=1))
+                            rec_loss_factor=0.0, perceptual_loss_factor=0.0, codebook_weight=0.0, usage_window=1,
+                            gumbel_temperature_steps=1))
+        if not 0 < self.gumbel_temperature_end <= self.gumbel_temperature_start:
+            raise UserError("--gumbel-temperature-end must be above 0 and at most --gumbel-temperature-start.")
         if self.model.in_channels != self.model.out_channels:
             raise UserError(f"--in-channels {self.model.in_channels} and --out-channels {self.model.out_channels} "
                             "differ, but the reconstruction loss compares input and output: make them equal.")
 
 
 @dataclass
-class GPTConfig:
-    """Stage-2 transformer. vocab_size and block_size are derived from the VQGAN and the classes
-    (transformer.py, `gpt_shape`), never given as flags."""
-    vocab_size: int = field(default=1025, metadata={"derived": True})
-    block_size: int = field(default=256, metadata={"derived": True})
-    n_layer: int = _f(24, "transformer blocks")
-    n_head: int = _f(16, "attention heads")
-    n_embd: int = _f(1024, "width of the transformer")
-    embd_pdrop: float = _f(0.0, "dropout on token + position embeddings")
-    resid_pdrop: float = _f(0.0, "dropout on residual branches")
-    attn_pdrop: float = _f(0.0, "dropout on attention weights")
-
-    def __post_init__(self):
-        _require(self, dict(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1))
-        if self.n_embd % self.n_head:
-            raise UserError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: every head needs "
-                            "an equal share of the width.")
-        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1).")
-
-
-@dataclass
 class TrainTransformerConfig(RunConfig):
     """A stage-2 training run (training_transformer.py)."""
-    dataset_path: Optional[str] = _f(None, "folder of training images (first-level subfolders are the classes with --conditional); omit for the demo photographs")
-    vqgan_checkpoint: Optional[str] = _f(None, "stage-1 checkpoint, ours or a taming-transformers VQGAN .ckpt (default: runs/vqgan/checkpoints/last.pt, the demo's)", "--checkpoint-path")
-    vqgan_config: Optional[str] = _f(None, "YAML config of a taming-transformers --vqgan-checkpoint (default: infer the architecture from its weights)")
-    output_dir: str = _f("runs/transformer", "run folder: config.json, checkpoints/, samples/, metrics.jsonl")
-    preset: Optional[str] = _f(None, "named GPT size to start from (see GPT_PRESETS in config.py)")
-    conditional: bool = _f(False, "class-conditional: one class per first-level subfolder of --dataset-path")
-    class_dropout: float = _f(0.1, "probability of replacing the class token by 'no class' (classifier-free guidance)")
-    pkeep: float = _f(1.0, "probability of keeping each input code; the rest are replaced by random codes (paper's pkeep)")
-    sos_token: Optional[int] = _f(None, "accepted for compatibility and ignored: the start token has its own id")
-    augment: bool = _f(False, "random crops and flips instead of center crops (turns the token cache off)")
-    cache_tokens: bool = _f(True, "encode the dataset once with the frozen VQGAN (only without --augment)")
-    batch_size: int = _f(16, "sequences per optimizer step")
-    learning_rate: float = _f(4.5e-4, "peak AdamW learning rate")
-    lr_warmup_steps: int = _f(100, "linear warmup steps, then cosine decay to 10% at the last step")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    weight_decay: float = _f(0.01, "AdamW weight decay (Linear weights only)")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
-    num_samples: int = _f(8, "samples per row of the sample grids")
-    temperature: float = _f(1.0, "sampling temperature of the sample grids")
-    top_k: Optional[int] = _f(None, "top-k of the sample grids (default: all codes)")
+    vqgan_checkpoint: Optional[str] = option(None, "stage-1 checkpoint, ours or a taming-transformers VQGAN .ckpt (default: runs/vqgan/checkpoints/last.pt, the demo's)")
+    vqgan_config: Optional[str] = option(None, "YAML config of a taming-transformers --vqgan-checkpoint (default: infer the architecture from its weights)")
+    conditional: bool = option(False, "class-conditional: one class per first-level subfolder of --dataset-path")
+    class_dropout: float = option(0.1, "probability of replacing the class token by 'no class' (classifier-free guidance)")
+    pkeep: float = option(1.0, "probability of keeping each input code; the rest are replaced by random codes (paper's pkeep)")
+    sos_token: Optional[int] = option(None, "accepted for compatibility and ignored: the start token has its own id")
+    augment: bool = option(False, "random crops and flips instead of center crops (turns the token cache off)")
+    cache_tokens: bool = option(True, "encode the dataset once with the frozen VQGAN (only without --augment)")
+    weight_decay: float = option(0.01, "AdamW weight decay (Linear weights only)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
+    num_samples: int = option(8, "samples per row of the sample grids")
+    temperature: float = option(1.0, "sampling temperature of the sample grids")
+    top_k: Optional[int] = option(None, "top-k of the sample grids (default: all codes)")
     model: GPTConfig = field(default_factory=GPTConfig)
+    # RunConfig's fields with stage 2's defaults (minGPT's AdamW recipe)
+    output_dir: str = "runs/transformer"
+    batch_size: int = 16
+    learning_rate: float = 4.5e-4
+    lr_warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    beta1: float = 0.9
+    beta2: float = 0.95
 
     def __post_init__(self):
         super().__post_init__()
@@ -220,16 +232,13 @@ class TrainTransformerConfig(RunConfig):
             raise UserError("--pkeep must be in (0, 1], --class-dropout in [0, 1) and --temperature above 0.")
 
 
-GPT_PRESETS: dict[str, dict] = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, batch_size=16, learning_rate=1e-3),
-    "small": dict(n_layer=12, n_head=12, n_embd=768),
-    # the reference's FFHQ/CelebA-HQ-sized GPT at f16-1024 (24 layers, width 1024, 16 heads)
-    "f16-1024": dict(n_layer=24, n_head=16, n_embd=1024),
-}
+# ------------------------------------------------------------------------------------ presets
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point: model fields, and the run settings that suit that model."""
+    model: dict
+    run: dict = field(default_factory=dict)
 
-# `python training_transformer.py` with no arguments: continue the stage-1 demo.
-DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=1500, lr_warmup_steps=100, log_every=50,
-                              sample_every=500, save_every=500, top_k=100)
 
 # The codebook that keeps (nearly) every code in use (codebook.py; README "Codebook usage"): 8-dimensional
 # factorized codes, k-means initialization and dead-code restarts; the f16 presets also look codes up
@@ -240,32 +249,49 @@ DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=1500, lr_wa
 # 25 uses in that many steps (tiny: 512 tokens per batch, 1024 codes, 50 steps; f16 at batch 16:
 # 4096 tokens, 16384 codes, 100 steps): a code restarted then is really dead.
 IMPROVED_CODEBOOK: dict = dict(codebook_dim=8, codebook_kmeans_init=True)
-_TINY = dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
-             z_channels=64, embed_dim=64, n_embed=1024, batch_size=8, learning_rate=1e-3, disc_start=2000)
-_F16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
-            z_channels=256, embed_dim=256)
+_TINY = dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64, z_channels=64,
+             embed_dim=64, n_embed=1024)
+_TINY_RUN = dict(batch_size=8, learning_rate=1e-3, disc_start=2000)
+_F16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256, z_channels=256,
+            embed_dim=256)
+_L2 = dict(**IMPROVED_CODEBOOK, codebook_l2_norm=True, codebook_restart_after=100)
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, Preset] = {
     # A CPU-sized model for the demo and quick experiments: 64x64 images, 8x8 tokens, the improved
     # codebook (tiny-vq: the same with plain VQ, for comparison).
-    "tiny": dict(**_TINY, **IMPROVED_CODEBOOK, codebook_restart_after=50),
-    "tiny-vq": dict(_TINY),
+    "tiny": Preset(dict(**_TINY, **IMPROVED_CODEBOOK, codebook_restart_after=50), _TINY_RUN),
+    "tiny-vq": Preset(dict(_TINY), _TINY_RUN),
     # The reference's ImageNet models (Esser et al. 2021, Tab. 2 / released checkpoints): plain VQ.
-    "f16-1024": dict(**_F16, n_embed=1024),
-    "f16-16384": dict(**_F16, n_embed=16384),
+    "f16-1024": Preset(dict(**_F16, n_embed=1024)),
+    "f16-16384": Preset(dict(**_F16, n_embed=16384)),
     # The same architectures with the improved codebook (16384 codes: 8-dimensional, l2-normalized).
-    "f16-1024-l2": dict(**_F16, n_embed=1024, **IMPROVED_CODEBOOK, codebook_l2_norm=True, codebook_restart_after=100),
-    "f16-16384-l2": dict(**_F16, n_embed=16384, **IMPROVED_CODEBOOK, codebook_l2_norm=True, codebook_restart_after=100),
+    "f16-1024-l2": Preset(dict(**_F16, n_embed=1024, **_L2)),
+    "f16-16384-l2": Preset(dict(**_F16, n_embed=16384, **_L2)),
 }
 
-# `python training_vqgan.py` with no --dataset-path: the tiny preset on bundled photographs,
-# sized to finish on a 2-core CPU within minutes.
-DEMO_VQGAN: dict = dict(preset="tiny", max_steps=1000, lr_schedule="cosine", disc_start=700, log_every=50, sample_every=250, save_every=500)
+GPT_PRESETS: dict[str, Preset] = {
+    "tiny": Preset(dict(n_layer=4, n_head=4, n_embd=128), dict(batch_size=16, learning_rate=1e-3)),
+    "small": Preset(dict(n_layer=12, n_head=12, n_embd=768)),
+    # the reference's FFHQ/CelebA-HQ-sized GPT at f16-1024 (24 layers, width 1024, 16 heads)
+    "f16-1024": Preset(dict(n_layer=24, n_head=16, n_embd=1024)),
+}
 
-# Flags that set two fields at once (names users of the original flat implementation know).
-COMPOSITE_FLAGS: dict[str, tuple[str, tuple[str, ...], type, str]] = {
-    "latent_dim": ("--latent-dim", ("z_channels", "embed_dim"), int, "sets both --z-channels and --embed-dim"),
-    "image_channels": ("--image-channels", ("in_channels", "out_channels"), int, "sets both --in-channels and --out-channels"),
+# `python training_vqgan.py` with no --dataset-path: the tiny preset on bundled photographs, sized to
+# finish on a 2-core CPU within minutes.
+DEMO_VQGAN: dict = dict(preset="tiny", max_steps=1000, lr_schedule="cosine", disc_start=700, log_every=50,
+                        sample_every=250, save_every=500)
+# `python training_transformer.py` with no arguments: continue the stage-1 demo.
+DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=1500, lr_warmup_steps=100, log_every=50,
+                              sample_every=500, save_every=500, top_k=100)
+
+# Other names for fields (the original flat implementation's flags); one may set several fields.
+# A field's own flag wins over an alias.
+ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
+    "--image-size": (("resolution",), "the same as --resolution"),
+    "--num-codebook-vectors": (("n_embed",), "the same as --n-embed"),
+    "--latent-dim": (("z_channels", "embed_dim"), "sets both --z-channels and --embed-dim"),
+    "--image-channels": (("in_channels", "out_channels"), "sets both --in-channels and --out-channels"),
+    "--checkpoint-path": (("vqgan_checkpoint",), "the same as --vqgan-checkpoint"),
 }
 
 
@@ -274,59 +300,85 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    group = parser.add_argument_group(title)
+def _value_type(tp):
+    """X of Optional[X]; other types as they are."""
+    return next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_origin(tp) is typing.Union else tp
+
+
+def _help(cls, name: str) -> dict:
+    """A field's metadata, from the nearest class in the hierarchy that declares its help (a
+    subclass may change only the default)."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return f.metadata
+    return {}
+
+
+def add_fields(parser, cls, title: Optional[str] = None, skip=()) -> None:
+    """One flag per field of the dataclass `cls` (not nested configs, derived or skipped fields),
+    the class's own fields first, each with its help line and default; plus the ALIASES whose
+    fields are all here. Flags given are collected under their field names (SUPPRESS: a flag not
+    given is absent, so presets and demo settings can fill it)."""
+    group = parser.add_argument_group(title) if title else parser
     hints = typing.get_type_hints(cls)
-    own = inspect.get_annotations(cls)  # this class's fields, not its bases'
-    for f in sorted(fields(cls), key=lambda f: f.name not in own):  # the class's own fields first
-        if dataclasses.is_dataclass(hints[f.name]) or f.metadata.get("derived"):
+    own = {name for name in getattr(cls, "__annotations__", {}) if cls.__dataclass_fields__[name].metadata.get("help")}
+    names = set()
+    for f in sorted(fields(cls), key=lambda f: f.name not in own):
+        meta = _help(cls, f.name) or f.metadata
+        if dataclasses.is_dataclass(hints[f.name]) or f.metadata.get("derived") or f.name in skip:
             continue
-        tp, meta = hints[f.name], f.metadata
+        names.add(f.name)
+        tp = _value_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{meta.get('help', '')} (default: {shown})")
-        if typing.get_origin(tp) is typing.Union:  # Optional[X]
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        help = meta.get("help", "").replace("%", "%%")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS,
+                  help=help if meta.get("required") else f"{help} (default: {shown})")
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is tuple:
-            kw.update(nargs="*", type=typing.get_args(tp)[0], metavar="N")
+            kw.update(nargs=meta.get("nargs") or "*", type=typing.get_args(tp)[0], metavar=meta.get("metavar") or "N")
         else:
             kw["type"] = tp
-        if meta.get("choices"):
-            kw["choices"] = meta["choices"]
-        group.add_argument(_flag(f.name), *meta.get("aliases", ()), **kw)
+        for key in ("choices", "required", "metavar"):
+            if meta.get(key) and key not in kw:
+                kw[key] = meta[key]
+        group.add_argument(_flag(f.name), **kw)
+    for flag, (targets, help) in ALIASES.items():
+        if set(targets) <= names:
+            group.add_argument(flag, dest="alias:" + flag, default=argparse.SUPPRESS, help=help,
+                               type=_value_type(hints[targets[0]]), metavar=targets[0].upper())
 
 
-def build_parser(train_cls, model_cls, description: str, presets: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     epilog=f"Presets: {', '.join(presets)}. A preset sets defaults; flags override it.")
-    _add_fields(parser, train_cls, "training")
-    _add_fields(parser, model_cls, "model")
-    group = parser.add_argument_group("shorthands")
-    for dest, (flag, targets, tp, help) in COMPOSITE_FLAGS.items():
-        if all(t in {f.name for f in fields(model_cls)} for t in targets):
-            group.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, help=help)
-    return parser
+def given_values(namespace: argparse.Namespace) -> dict:
+    """The flags given, as field name -> value, aliases expanded (a field's own flag wins)."""
+    given = {k: v for k, v in vars(namespace).items() if not k.startswith("alias:")}
+    for key, value in vars(namespace).items():
+        if key.startswith("alias:"):
+            for target in ALIASES[key[len("alias:"):]][0]:
+                given.setdefault(target, value)
+    return given
 
 
-def make_config(train_cls, model_cls, given: dict, presets: dict, demo: Optional[dict] = None):
-    """Build (train_cfg) from explicitly given values (field name -> value), applying the
-    preset and, when no dataset path is given, the demo settings. Unknown names are an error."""
-    given = dict(given)
-    for dest, (_, targets, _, _) in COMPOSITE_FLAGS.items():
-        if dest in given:
-            value = given.pop(dest)
-            for t in targets:
-                given.setdefault(t, value)
+def parse_into(cls, argv: Optional[list[str]], description: str):
+    """A script's flags (one per field of `cls`) parsed into an instance of `cls`."""
+    parser = argparse.ArgumentParser(description=description)
+    add_fields(parser, cls)
+    return cls(**given_values(parser.parse_args(argv)))
+
+
+def make_config(train_cls, model_cls, given: dict, presets: dict[str, Preset], demo: Optional[dict] = None):
+    """A training config from explicitly given values (field name -> value), applying the preset
+    and, when no dataset path is given, the demo settings. Unknown names are an error."""
     values: dict = {}
     if demo is not None and given.get("dataset_path") is None:
         values.update(demo)
-    preset = given.get("preset", values.get("preset"))
-    if preset is not None:
-        if preset not in presets:
-            raise UserError(f"unknown preset '{preset}': choose one of {', '.join(presets)}.")
-        values = {**presets[preset], **values}
+    name = given.get("preset", values.get("preset"))
+    if name is not None:
+        if name not in presets:
+            raise UserError(f"unknown preset '{name}': choose one of {', '.join(presets)}.")
+        values = {**presets[name].model, **presets[name].run, **values}
     values.update(given)
     model_names = {f.name for f in fields(model_cls)}
     train_names = {f.name for f in fields(train_cls)} - {"model"}
@@ -337,34 +389,34 @@ def make_config(train_cls, model_cls, given: dict, presets: dict, demo: Optional
     return train_cls(**{k: v for k, v in values.items() if k in train_names}, model=model_cfg)
 
 
+def _parse_training(train_cls, model_cls, presets, demo, description, argv):
+    parser = argparse.ArgumentParser(description=description, epilog=f"Presets: {', '.join(presets)}. A preset sets "
+                                     "defaults; flags override it. Without --dataset-path the demo's settings apply "
+                                     f"too: {', '.join(f'{k}={v}' for k, v in demo.items())}.")
+    add_fields(parser, train_cls, "training")
+    add_fields(parser, model_cls, "model")
+    return make_config(train_cls, model_cls, given_values(parser.parse_args(argv)), presets, demo)
+
+
 def parse_train_vqgan(argv: Optional[list[str]] = None) -> TrainVQGANConfig:
-    parser = build_parser(TrainVQGANConfig, VQGANConfig,
-                          "Stage 1: train a VQGAN image tokenizer (Esser et al. 2021) on a folder of images.", PRESETS)
-    return make_config(TrainVQGANConfig, VQGANConfig, vars(parser.parse_args(argv)), PRESETS, demo=DEMO_VQGAN)
+    return _parse_training(TrainVQGANConfig, VQGANConfig, PRESETS, DEMO_VQGAN,
+                           "Stage 1: train a VQGAN image tokenizer (Esser et al. 2021) on a folder of images.", argv)
 
 
 def parse_train_transformer(argv: Optional[list[str]] = None) -> TrainTransformerConfig:
-    parser = build_parser(TrainTransformerConfig, GPTConfig,
-                          "Stage 2: train a GPT over the codes of a trained VQGAN (Esser et al. 2021).", GPT_PRESETS)
-    return make_config(TrainTransformerConfig, GPTConfig, vars(parser.parse_args(argv)), GPT_PRESETS,
-                       demo=DEMO_TRANSFORMER)
+    return _parse_training(TrainTransformerConfig, GPTConfig, GPT_PRESETS, DEMO_TRANSFORMER,
+                           "Stage 2: train a GPT over the codes of a trained VQGAN (Esser et al. 2021).", argv)
 
 
+# ----------------------------------------------------------------------------- plain values
 def config_to_dict(cfg) -> dict:
     """Plain dict (lists, not tuples) for JSON and checkpoints."""
-    return json_ready(dataclasses.asdict(cfg))
-
-
-def json_ready(obj):
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    return obj
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def model_config_from_dict(cls, d: dict):
-    """Rebuild a model config stored in a checkpoint; unknown keys are an error, not ignored."""
+    """Rebuild a model config stored in a checkpoint; unknown keys are an error, not ignored
+    (fields added since the checkpoint was written take their defaults)."""
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:

@@ -17,8 +17,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from config import UserError
-from utils import check_bad_fraction, warn
+from errors import UserError
+from utils import warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
 PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # the only decoders we let open a file
@@ -54,12 +54,24 @@ class SkipLog:
                     f.write(f"{file}\t{reason}\n")
         return True
 
+    def too_many(self, n_bad: int, max_bad_fraction: float) -> Optional[str]:
+        """The error message when n_bad of the scanned files is more than max_bad_fraction."""
+        if self.scanned and n_bad / self.scanned > max_bad_fraction:
+            return bad_fraction_message(n_bad, self.scanned, max_bad_fraction, self.path or "the warnings above")
+        return None
+
     def count(self) -> int:
         """Files listed so far (by every process), or seen by this one without a file."""
         if self.path is None or not self.path.exists():
             return len(self.seen)
         with open(self.path) as f:
             return sum(1 for _ in f)
+
+
+def bad_fraction_message(n_bad: int, n_total: int, max_bad_fraction: float, where) -> str:
+    return (f"{n_bad} of {n_total} image files could not be used ({100 * n_bad / n_total:.1f}%, more than "
+            f"--max-bad-fraction {max_bad_fraction:g}); they are listed in {where}. Fix or remove them, or raise "
+            "--max-bad-fraction.")
 
 
 def _open(path: str):
@@ -132,21 +144,33 @@ def check_images(paths: Sequence[str], skip_log: Optional[SkipLog] = None, max_b
             warn(f"skipping {path}: not a readable image ({problem})")
     if not good:
         raise UserError(f"none of the {len(paths)} image files could be read; check the files in the dataset folder.")
-    check_bad_fraction(len(paths) - len(good), len(paths), max_bad_fraction, skip_log.path or "the warnings above")
+    problem = skip_log.too_many(len(paths) - len(good), max_bad_fraction)
+    if problem:
+        raise UserError(problem)
     return good
 
 
-def build_transform(size: int, train: bool, flip: bool = False, resize: bool = True):
+def build_transform(size: int, train: bool, flip: bool = False, resize: bool = True, color: bool = False):
     """Shortest side to `size` (unless resize=False), then a random (train) or center (val)
-    size x size crop, optional horizontal flip. Albumentations 2.x."""
+    size x size crop, optional horizontal flip. color (training only): the crop is taken at a
+    random scale (x0.5 to x2 of its size, reflected at borders when the image is too small) and
+    its colours are jittered (brightness, contrast, saturation, any hue) or turned grey, so that a
+    small set of photographs cannot be learnt colour by colour. Albumentations 2.x."""
     # Albumentations checks for updates over the network on import unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import albumentations as A
+    import cv2
 
     ops = [A.SmallestMaxSize(max_size=size, area_for_downscale="image")] if resize else []
+    if train and color:
+        ops += [A.RandomScale(scale_limit=(-0.5, 1.0), p=1.0),
+                A.PadIfNeeded(size, size, border_mode=cv2.BORDER_REFLECT_101)]
     ops.append(A.RandomCrop(size, size) if train else A.CenterCrop(size, size))
     if train and flip:
         ops.append(A.HorizontalFlip(p=0.5))
+    if train and color:
+        ops += [A.ColorJitter(brightness=0.3, contrast=0.3, saturation=(0.5, 1.5), hue=0.5, p=0.8),
+                A.ToGray(p=0.2)]
     return A.Compose(ops)
 
 
@@ -282,6 +306,13 @@ def demo_validation(val_parts: list[np.ndarray], size: int, channels: int, seed:
                         channels=channels)
 
 
+def fixed_images(train: Dataset, val: Dataset, n: int):
+    """The first n images of the validation split (of the training set when there is none), in
+    a fixed order: what the sample grids show at every sample step. Labels too, when they have them."""
+    dataset = val if len(val) else train
+    return next(iter(make_loader(dataset, EpochSampler(len(dataset), 0, shuffle=False), n, 0, False)))
+
+
 def split_files(paths: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """A seeded hold-out split: (train, val), each sorted."""
     shuffled = list(paths)
@@ -304,12 +335,13 @@ def class_names(paths: Sequence[str], root: str) -> list[str]:
 
 def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: bool, val_fraction: float,
                    seed: int, augment: bool = True, classes: Optional[list[str]] = None, demo_length: int = 2048,
-                   skip_log: Optional[SkipLog] = None, max_bad_fraction: float = 1.0
+                   skip_log: Optional[SkipLog] = None, max_bad_fraction: float = 1.0, color: bool = False
                    ) -> tuple[ImageDataset, ImageDataset, str]:
     """(train, val, description) for a folder of images or, without a path, the demo photos.
-    Training crops are random (augment) or central. With `classes` (a list, filled here from
-    the first-level subfolders when empty), items come with integer labels. Unusable files go
-    to skip_log; more than max_bad_fraction of them is a UserError."""
+    Training crops are random (augment) or central, with scale and colour augmentation when
+    `color` (build_transform). With `classes` (a list, filled here from the first-level
+    subfolders when empty), items come with integer labels. Unusable files go to skip_log; more
+    than max_bad_fraction of them is a UserError."""
     if dataset_path is None:
         if classes is not None:
             raise UserError("a class-conditional run needs --dataset-path with one subfolder per class; "
@@ -318,7 +350,7 @@ def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: 
         # one crop wide) of every photo is held out for validation.
         side = 4 * size
         train_parts, val_parts = demo_images(side, min_val_width=size)
-        train = ImageDataset(train_parts, build_transform(size, augment, flip, resize=False), seed,
+        train = ImageDataset(train_parts, build_transform(size, augment, flip, resize=False, color=color), seed,
                              length=demo_length, channels=channels)
         val = demo_validation(val_parts, size, channels, seed)
         return train, val, (f"demo: random {size}x{size} crops of {len(DEMO_IMAGES)} scikit-image photographs "
@@ -334,11 +366,20 @@ def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: 
         classes[:] = found
         index = {name: i for i, name in enumerate(found)}
         label = lambda ps: [index[Path(p).relative_to(dataset_path).parts[0]] for p in ps]  # noqa: E731
-    train = ImageDataset(train_paths, build_transform(size, augment, flip and augment), seed, channels=channels,
+    train = ImageDataset(train_paths, build_transform(size, augment, flip and augment, color=color), seed, channels=channels,
                          labels=label(train_paths), skip_log=skip_log)
     val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels, labels=label(val_paths),
                        skip_log=skip_log)
     return train, val, f"{dataset_path}: {len(train_paths)} training and {len(val_paths)} validation images"
+
+
+def training_batches(dataset: Dataset, cfg, dist_info, device: torch.device, step: int, total_steps: int):
+    """The (epoch, micro-batches) of every optimizer step from `step` on: this process's share of
+    each epoch's seeded order (run settings cfg: batch_size, grad_accum, num_workers, seed)."""
+    sampler = EpochSampler(len(dataset), cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size)
+    loader = make_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, drop_last=True,
+                         pin_memory=device.type == "cuda")
+    return epoch_batches(step, total_steps, cfg.batch_size, sampler, loader, cfg.grad_accum)
 
 
 def epoch_batches(step: int, total_steps: int, batch_size: int, sampler: EpochSampler, loader: DataLoader,

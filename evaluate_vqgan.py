@@ -13,10 +13,10 @@ OUT/reconstructions.png (each original next to its reconstruction).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -24,35 +24,38 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from config import UserError
+from config import option, parse_into
 from data import (EpochSampler, ImageDataset, build_transform, check_images, demo_images, demo_validation, make_loader,
                   scan_images)
+from errors import UserError
 from lpips import VGGWeightsUnavailable, load_lpips
 from metrics import INCEPTION_FILE, ReconstructionFID, psnr, ssim
 from utils import autocast, log, resolve_device, resolve_precision, run_cli, warn
 from vqgan import VQGAN
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a VQGAN: reconstruction quality and codebook usage.")
-    p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint of this project, or a taming-transformers VQGAN .ckpt")
-    p.add_argument("--config", default=None, help="YAML config of a taming-transformers checkpoint (default: inferred)")
-    p.add_argument("--dataset-path", default=None, help="folder of images, searched recursively (default: the demo's held-out crops)")
-    p.add_argument("--demo-split", default="held-out", choices=("held-out", "train"),
-                   help="without --dataset-path: crops of the demo photos' held-out strips, or of the parts trained on (default: held-out)")
-    p.add_argument("--image-size", type=int, default=None, help="side of the center crop (default: the model's resolution)")
-    p.add_argument("--num-images", type=int, default=0, help="evaluate the first N images only; for the demo set, its size (default: all; demo 512)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
-    p.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes (default: 2)")
-    p.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (default: the checkpoint's own, if it is a taming one, else torchvision's cache or download)")
-    p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True, help="compute LPIPS (default: on)")
-    p.add_argument("--inception-weights", default=None, help=f"torch-fidelity's Inception weights ({INCEPTION_FILE}) for rFID (default: no rFID)")
-    p.add_argument("--device", default="auto", help="torch device (default: cuda when available)")
-    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision (default: fp32)")
-    p.add_argument("--grid-images", type=int, default=8, help="image pairs in reconstructions.png (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo crops (default: 0, as in training)")
-    p.add_argument("--out", default=None, help="output folder (default: eval/ in the checkpoint's run folder)")
-    return p.parse_args(argv)
+@dataclass
+class EvaluateConfig:
+    checkpoint: Optional[str] = option(None, "stage-1 checkpoint of this project, or a taming-transformers VQGAN .ckpt", required=True)
+    config: Optional[str] = option(None, "YAML config of a taming-transformers checkpoint (default: inferred)")
+    dataset_path: Optional[str] = option(None, "folder of images, searched recursively (default: the demo's held-out crops)")
+    demo_split: str = option("held-out", "without --dataset-path: crops of the demo photos' held-out strips, or of the parts trained on", choices=("held-out", "train"))
+    image_size: Optional[int] = option(None, "side of the center crop (default: the model's resolution)")
+    num_images: int = option(0, "evaluate the first N images only; for the demo set, its size (0: all; the demo 512)")
+    batch_size: int = option(16, "images per batch")
+    num_workers: int = option(2, "data-loading worker processes")
+    vgg_weights: Optional[str] = option(None, "VGG16 weights for LPIPS (default: the checkpoint's own, if it is a taming one, else torchvision's cache or download)")
+    lpips: bool = option(True, "compute LPIPS")
+    inception_weights: Optional[str] = option(None, f"torch-fidelity's Inception weights ({INCEPTION_FILE}) for rFID (default: no rFID)")
+    device: str = option("auto", "torch device; auto = cuda when available, else cpu")
+    precision: str = option("fp32", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
+    grid_images: int = option(8, "image pairs in reconstructions.png")
+    seed: int = option(0, "seed of the demo crops (0, as in training)")
+    out: Optional[str] = option(None, "output folder (default: eval/ in the checkpoint's run folder)")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> EvaluateConfig:
+    return parse_into(EvaluateConfig, argv, "Evaluate a VQGAN: reconstruction quality and codebook usage.")
 
 
 def default_out(checkpoint: str) -> Path:
@@ -60,7 +63,7 @@ def default_out(checkpoint: str) -> Path:
     return path.parent.parent / "eval" if path.parent.name == "checkpoints" else path.parent / f"{path.stem}_eval"
 
 
-def build_dataset(args: argparse.Namespace, size: int, channels: int) -> tuple[ImageDataset, str]:
+def build_dataset(args: EvaluateConfig, size: int, channels: int) -> tuple[ImageDataset, str]:
     if args.dataset_path is None:
         n = args.num_images or 512
         train_parts, val_parts = demo_images(4 * size, min_val_width=size)
@@ -75,7 +78,7 @@ def build_dataset(args: argparse.Namespace, size: int, channels: int) -> tuple[I
             f"{args.dataset_path}: {len(paths)} images")
 
 
-def setup_lpips(args: argparse.Namespace):
+def setup_lpips(args: EvaluateConfig):
     """LPIPS from --vgg-weights, else the checkpoint's own perceptual loss (taming checkpoints
     carry one), else torchvision's VGG16; None, with a warning, when none is available."""
     if not args.lpips:
@@ -147,7 +150,7 @@ def format_table(result: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: EvaluateConfig) -> dict:
     device = resolve_device(args.device)
     amp_dtype = resolve_precision(args.precision, device)
     for name in ("num_images", "grid_images"):

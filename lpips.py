@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from config import UserError
+from checkpoint import load_checkpoint
+from errors import UserError
 
 # torchvision's VGG16_Weights.IMAGENET1K_V1 (kept here so importing torchvision.models is not needed)
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -168,8 +169,6 @@ def load_vgg_state(vgg_weights: Optional[str] = None, allow_download: bool = Tru
     """VGG16 features as {net.sliceK.N.*: tensor} (plus lin*.* when the file has them, as a
     reference VQGAN checkpoint does), from `vgg_weights` or torchvision's cache (downloading it
     once when allowed). Raises VGGWeightsUnavailable with the ways out."""
-    from utils import load_checkpoint  # weights-only, or the restricted loader for files we did not write
-
     if vgg_weights is not None:
         if not os.path.isfile(vgg_weights):
             raise _vgg_unavailable(f"--vgg-weights {vgg_weights} is not a file")
@@ -197,8 +196,6 @@ def load_vgg_state(vgg_weights: Optional[str] = None, allow_download: bool = Tru
 
 def load_lpips(vgg_weights: Optional[str] = None, allow_download: bool = True) -> LPIPS:
     """An LPIPS module with real weights, every key checked (strict=True)."""
-    from utils import load_checkpoint
-
     model = LPIPS()
     state = load_vgg_state(vgg_weights, allow_download)
     if not any(k.startswith("lin") for k in state):  # a reference checkpoint brings its own

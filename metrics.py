@@ -14,7 +14,8 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from config import UserError
+from checkpoint import load_checkpoint
+from errors import UserError
 
 
 @torch.no_grad()
@@ -67,8 +68,6 @@ class ReconstructionFID:
             from torchmetrics.image.fid import FrechetInceptionDistance
         except ImportError:
             raise UserError("rFID needs torchmetrics and torch-fidelity: pip install -r requirements.txt.") from None
-        from utils import load_checkpoint
-
         state = load_checkpoint(weights, map_location="cpu")
         if not all(isinstance(v, torch.Tensor) for v in state.values()) or "Mixed_7c.branch_pool.conv.weight" not in state:
             raise UserError(f"{weights} is not the Inception state dict that torch-fidelity uses: give its file "

@@ -1,6 +1,7 @@
-"""The released taming-transformers checkpoints (Esser et al. 2021): reading their Lightning
-`.ckpt` files (through the restricted loader in utils.py, so nothing in them is imported or
-run), their YAML configs, or, without a YAML, the architecture inferred from the tensor shapes.
+"""The released taming-transformers checkpoints (Esser et al. 2021): telling them from ours, their
+YAML configs or, without a YAML, the architecture inferred from the tensor shapes, and strict
+loading that lists what does not match. (Their Lightning `.ckpt` files are read by
+checkpoint.load_checkpoint's restricted loader: nothing in them is imported or run.)
 
 A reference checkpoint is a dict whose `state_dict` holds the VQGAN under our own names (plus
 `loss.perceptual_loss.*` and `loss.discriminator.*`), or, for a transformer, `transformer.*`,
@@ -11,16 +12,22 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from config import GPTConfig, UserError, VQGANConfig
+from config import GPTConfig, VQGANConfig
+from errors import UserError
 
 # n_head is not visible in the weights; these are the released transformers' (width -> heads).
 RELEASED_N_HEAD = {1024: 16, 1536: 24, 1664: 16}
 
 
-def reference_state(ckpt: dict) -> Optional[dict]:
-    """The model state of a reference (Lightning) checkpoint, or None for our own format."""
+def checkpoint_kind(ckpt: dict) -> str:
+    """'reference-vqgan' or 'reference-transformer' for the reference's Lightning checkpoints
+    (a `state_dict` entry), else the `kind` our checkpoints record ('vqgan' when absent: the
+    oldest weights-only files)."""
     state = ckpt.get("state_dict")
-    return dict(state) if isinstance(state, dict) else None
+    if isinstance(state, dict):
+        transformer = any(k.startswith(("transformer.", "first_stage_model.")) for k in state)
+        return "reference-transformer" if transformer else "reference-vqgan"
+    return str(ckpt.get("kind", "vqgan"))
 
 
 def sub_state(state: dict, prefix: str) -> dict:
@@ -85,9 +92,13 @@ def infer_vqgan_config(state: dict) -> VQGANConfig:
 
 
 def load_strict(module, state: dict, what: str) -> None:
-    """load_state_dict(strict=True), but missing and unexpected keys end in one message that lists them."""
-    ours = set(module.state_dict())
-    missing, unexpected = sorted(ours - set(state)), sorted(set(state) - ours)
+    """load_state_dict with every key checked (after the modules' own renaming hooks), but
+    missing and unexpected keys, or tensors of the wrong shape, end in one message that lists them."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes: "size mismatch for ..."
+        raise UserError(f"{what} does not match the architecture: {str(e).splitlines()[-1].strip()}") from None
+    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
     if missing or unexpected:
         show = lambda keys: ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")  # noqa: E731
         raise UserError(f"{what} does not match the architecture: "
@@ -95,10 +106,6 @@ def load_strict(module, state: dict, what: str) -> None:
                         + ("; " if missing and unexpected else "")
                         + (f"unexpected {show(unexpected)}" if unexpected else "")
                         + ". Is the config right for this checkpoint?")
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{what} does not match the architecture: {str(e).splitlines()[-1].strip()}") from None
 
 
 def transformer_configs(state: dict, config: Optional[str]) -> tuple[VQGANConfig, GPTConfig, dict]:

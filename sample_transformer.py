@@ -8,59 +8,69 @@ Writes one PNG per sample (sample_0000.png, ...) and grid.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torchvision.utils import save_image
 
-from config import UserError
+from config import option, parse_into
+from errors import UserError
 from transformer import VQGANTransformer, check_sampling_args
 from utils import log, resolve_device, run_cli
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample images from a trained VQGAN transformer.")
-    p.add_argument("--checkpoint", required=True, help="stage-2 checkpoint (training_transformer.py) or a taming-transformers transformer .ckpt")
-    p.add_argument("--config", default=None, help="YAML config of a taming-transformers checkpoint (default: inferred)")
-    p.add_argument("--num-samples", type=int, default=16, help="number of images (default: 16)")
-    p.add_argument("--class-label", default=None, help="class name or index for conditional models (default: none)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes (default: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (default: 1.0, off)")
-    p.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="token grid to sample; larger than the training grid uses the sliding window (default: training grid)")
-    p.add_argument("--batch-size", type=int, default=16, help="images sampled at once (default: 16)")
-    p.add_argument("--no-cache", action="store_true", help="sample without the key/value cache (slower; for checks)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--device", default="auto", help="torch device (default: cuda when available)")
-    p.add_argument("--out", default="samples", help="output folder (default: samples)")
-    return p.parse_args(argv)
+@dataclass
+class SampleConfig:
+    checkpoint: Optional[str] = option(None, "stage-2 checkpoint (training_transformer.py) or a taming-transformers transformer .ckpt", required=True)
+    config: Optional[str] = option(None, "YAML config of a taming-transformers checkpoint (default: inferred)")
+    num_samples: int = option(16, "number of images")
+    class_label: Optional[str] = option(None, "class name or index for conditional models (default: none)")
+    temperature: float = option(1.0, "softmax temperature")
+    top_k: Optional[int] = option(None, "sample among the k most likely codes (default: all)")
+    top_p: Optional[float] = option(None, "nucleus sampling mass (default: off)")
+    cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)")
+    grid: Optional[tuple[int, ...]] = option(None, "token grid to sample; larger than the training grid uses the sliding window (default: the training grid)", nargs=2, metavar=("H", "W"))
+    batch_size: int = option(16, "images sampled at once")
+    cache: bool = option(True, "sample with the key/value cache (--no-cache: full forwards, slower; for checks)")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "torch device; auto = cuda when available, else cpu")
+    out: str = option("samples", "output folder")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> SampleConfig:
+    return parse_into(SampleConfig, argv, "Sample images from a trained VQGAN transformer.")
 
 
 def resolve_label(model: VQGANTransformer, label: Optional[str]) -> Optional[int]:
+    """--class-label as a class index: a class name, or an index among the model's classes."""
     if label is None:
         return None
     if not model.conditional:
         raise UserError("--class-label was given but this transformer is unconditional.")
+    names = f"{', '.join(model.classes[:10])}{', ...' if len(model.classes) > 10 else ''}"
     if label in model.classes:
         return model.classes.index(label)
-    if label.lstrip("-").isdigit():
-        return int(label)
-    raise UserError(f"--class-label {label} is not one of this model's classes: {', '.join(model.classes)}.")
+    if not label.lstrip("-").isdigit():
+        raise UserError(f"--class-label {label} is not one of this model's classes: {names}.")
+    if not 0 <= int(label) < len(model.classes):
+        raise UserError(f"--class-label {label} is not known to this model: it has {len(model.classes)} classes, "
+                        f"0..{len(model.classes) - 1} ({names}).")
+    return int(label)
 
 
-def main(args: argparse.Namespace) -> list[str]:
+def main(args: SampleConfig) -> list[str]:
     device = resolve_device(args.device)
     model = VQGANTransformer.from_checkpoint(args.checkpoint, config=args.config, map_location=device).to(device)
     label = resolve_label(model, args.class_label)
     # Check everything before writing anything.
-    model.labels_tensor(label, 1, device)
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.temperature, args.top_k, args.top_p, error=UserError)
+    if args.cfg_scale != 1.0 and label is not None and not model.layout.has_null_class:
+        raise UserError("--cfg-scale needs a 'no class' token, which the reference's transformers do not have: "
+                        "drop --cfg-scale.")
     h, w = model.latent_shape
     if args.grid is not None and (args.grid[0] < h or args.grid[1] < w):
         raise UserError(f"--grid {args.grid[0]} {args.grid[1]} is smaller than the training grid {h} {w}.")
@@ -76,7 +86,7 @@ def main(args: argparse.Namespace) -> list[str]:
     for start in range(0, args.num_samples, args.batch_size):
         n = min(args.batch_size, args.num_samples - start)
         indices = model.sample(n, label, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               cfg_scale=args.cfg_scale, use_cache=not args.no_cache, generator=generator,
+                               cfg_scale=args.cfg_scale, use_cache=args.cache, generator=generator,
                                grid=args.grid)
         images.append(model.indices_to_images(indices).float().cpu())
     images = torch.cat(images)

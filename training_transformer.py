@@ -6,7 +6,8 @@
 
 Without augmentation (the default: center crops) the dataset is encoded once with the VQGAN and
 the GPT trains from the cached tokens. The training step is a plain next-token cross-entropy;
-`step` counts optimizer steps and drives warmup, cosine decay, logging, samples and checkpoints.
+`step` counts optimizer steps and drives warmup, the learning-rate schedule, logging, samples and
+checkpoints. The loop around train_step is utils.train_loop, shared with stage 1.
 """
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from config import TrainTransformerConfig, UserError, config_to_dict, parse_train_transformer
+from checkpoint import load_checkpoint, resume_path, run_rng_state, set_run_rng_state
+from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict, parse_train_transformer
+from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loader, training_batches
+from distributed import DistInfo, all_finite, is_main_process, setup_distributed
+from errors import UserError
+from official import load_strict
 from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
-from data import EpochSampler, SkipLog, epoch_batches, image_datasets, make_loader
-from utils import (MeanMeter, RunFolder, TrainingGuard, all_finite, autocast, barrier, describe_batch,
-                   global_batch, is_main_process, load_checkpoint, log, lr_at, replicas_identical, resolve_precision,
-                   run_rng_state, run_cli, save_sample_grid, scaled_lr, seed_everything, set_run_rng_state,
-                   setup_distributed, warn)
+from utils import (Hooks, MeanMeter, RunFolder, autocast, check_global_batch, describe_batch, global_batch, log, lr_at,
+                   resolve_device, resolve_precision, run_cli, run_length, save_sample_grid, scaled_lr,
+                   seed_everything, train_loop, warn)
 from vqgan import VQGAN
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -69,15 +73,16 @@ def split_batch(batch):
 
 @dataclass
 class Stage2:
+    """Everything one training step touches."""
     cfg: TrainTransformerConfig
     model: VQGANTransformer
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
     amp_dtype: Optional[torch.dtype]
-    total_steps: int
-    learning_rate: float = 0.0  # after --scale-lr; 0: cfg.learning_rate
-    model_train: Optional[nn.Module] = None  # the DDP wrapper under torchrun, else model
+    learning_rate: float  # after --scale-lr
+    total_steps: int  # the last step of the run (the cosine schedule ends there)
+    model_train: nn.Module  # the DDP wrapper under torchrun, else model
 
 
 def to_tokens(s: Stage2, x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +95,8 @@ def train_step(s: Stage2, micro: list, step: int) -> dict:
     """One optimizer step over a list of loader batches (micro-batches; their gradients are
     accumulated and synchronized across processes on the last one only)."""
     cfg = s.cfg
-    lr = lr_at(step, s.learning_rate or cfg.learning_rate, cfg.lr_warmup_steps, s.total_steps, "cosine")
     for group in s.opt.param_groups:
-        group["lr"] = lr
-    net = s.model_train or s.model
+        group["lr"] = lr_at(step, s.learning_rate, cfg.lr_warmup_steps, s.total_steps, cfg.lr_schedule)
     s.opt.zero_grad(set_to_none=True)
     meter = MeanMeter()
     for i, part in enumerate(micro):
@@ -101,9 +104,9 @@ def train_step(s: Stage2, micro: list, step: int) -> dict:
         indices = to_tokens(s, x)
         labels = labels.to(s.device) if s.model.conditional else None
         last = i == len(micro) - 1
-        with net.no_sync() if isinstance(net, DDP) and not last else contextlib.nullcontext():
+        with s.model_train.no_sync() if isinstance(s.model_train, DDP) and not last else contextlib.nullcontext():
             with autocast(s.device, s.amp_dtype):
-                _, loss = net(indices, labels, pkeep=cfg.pkeep, class_dropout=cfg.class_dropout)
+                _, loss = s.model_train(indices, labels, pkeep=cfg.pkeep, class_dropout=cfg.class_dropout)
             s.scaler.scale(loss / len(micro)).backward()
         meter.add({"loss": loss})
     logs = meter.means()
@@ -119,6 +122,19 @@ def train_step(s: Stage2, micro: list, step: int) -> dict:
     s.scaler.step(s.opt)
     s.scaler.update()
     return logs
+
+
+def build_stage2(cfg: TrainTransformerConfig, model: VQGANTransformer, device: torch.device, total_steps: int,
+                 dist_info: DistInfo = DistInfo()) -> Stage2:
+    lr, amp_dtype = scaled_lr(cfg, dist_info), resolve_precision(cfg.precision, device)
+    opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=device.type == "cuda")
+    if cfg.compile:
+        model.gpt.compile()
+    # the frozen VQGAN has no trainable parameters for DDP to synchronize
+    model_train = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled else model
+    return Stage2(cfg=cfg, model=model, opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                  device=device, amp_dtype=amp_dtype, learning_rate=lr, total_steps=total_steps, model_train=model_train)
 
 
 @torch.no_grad()
@@ -156,6 +172,8 @@ def sample_grid(s: Stage2, images: torch.Tensor, labels: Optional[torch.Tensor],
 
 
 def checkpoint_dict(s: Stage2, step: int) -> dict:
+    """One dict of tensors and plain values (weights_only-loadable): all that resuming needs,
+    and the VQGAN, so that the checkpoint samples images on its own."""
     m = s.model
     return {"kind": "transformer", "format_version": 1, "step": step,
             "model": m.gpt.state_dict(), "model_config": config_to_dict(m.gpt.config),
@@ -164,22 +182,44 @@ def checkpoint_dict(s: Stage2, step: int) -> dict:
             "train_config": config_to_dict(s.cfg), "rng": run_rng_state()}
 
 
-def main(cfg: TrainTransformerConfig) -> dict:
-    device, dist_info = setup_distributed(cfg.device)
-    resume_path = RunFolder.resume_path(cfg.output_dir, cfg.resume)
-    resumed = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
-    if resumed is not None and resumed.get("kind") != "transformer":
-        raise UserError(f"{resume_path} is not a stage-2 checkpoint: --resume takes one written by "
-                        "training_transformer.py.")
+def load_resume(path: str) -> dict:
+    """The stage-2 checkpoint to resume from, loaded to the CPU before anything is written."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("kind") != "transformer":
+        raise UserError(f"{path} is not a stage-2 checkpoint: --resume takes one written by training_transformer.py.")
+    return ckpt
 
-    vq_path = cfg.vqgan_checkpoint or DEMO_VQGAN_CHECKPOINT
-    if resumed is not None:  # the run's own first stage, whatever --vqgan-checkpoint says now
-        vqgan, vq_path = vqgan_from_stage2(resumed).to(device), resume_path
-    elif cfg.vqgan_checkpoint is None and not os.path.isfile(vq_path):
-        raise UserError(f"no stage-1 checkpoint at {vq_path}: run `python training_vqgan.py` first, "
+
+def restore(s: Stage2, ckpt: dict, path: str) -> int:
+    saved = config_to_dict(model_config_from_dict(GPTConfig, ckpt["model_config"]))
+    if saved != config_to_dict(s.model.gpt.config):
+        raise UserError(f"{path} holds a GPT of another shape ({saved}): give the same --preset and size flags as "
+                        "the original run.")
+    load_strict(s.model.gpt, ckpt["model"], path)
+    s.opt.load_state_dict(ckpt["optimizer"])
+    s.scaler.load_state_dict(ckpt["scaler"])
+    set_run_rng_state(ckpt["rng"])
+    return int(ckpt["step"])
+
+
+def load_vqgan(cfg: TrainTransformerConfig, resumed: Optional[dict], resume: Optional[str]) -> tuple[VQGAN, str]:
+    """The frozen first stage and where it came from: a resumed run's own, whatever
+    --vqgan-checkpoint says now; else --vqgan-checkpoint, or the stage-1 demo's."""
+    if resumed is not None:
+        return vqgan_from_stage2(resumed, resume), resume
+    path = cfg.vqgan_checkpoint or DEMO_VQGAN_CHECKPOINT
+    if cfg.vqgan_checkpoint is None and not os.path.isfile(path):
+        raise UserError(f"no stage-1 checkpoint at {path}: run `python training_vqgan.py` first, "
                         "or pass --vqgan-checkpoint PATH.")
-    else:
-        vqgan = VQGAN.from_checkpoint(vq_path, config=cfg.vqgan_config, map_location=device)
+    return VQGAN.from_checkpoint(path, config=cfg.vqgan_config), path
+
+
+def main(cfg: TrainTransformerConfig) -> dict:
+    device, dist_info = setup_distributed(resolve_device(cfg.device))
+    resume = resume_path(cfg.output_dir, cfg.resume)
+    resumed = load_resume(resume) if resume else None
+    vqgan, vq_path = load_vqgan(cfg, resumed, resume)
+    vqgan = vqgan.to(device)
     if cfg.sos_token is not None:
         warn(f"--sos-token {cfg.sos_token} is ignored: the start token has its own id after the codes and "
              "classes, so it never collides with code ids.")
@@ -193,100 +233,50 @@ def main(cfg: TrainTransformerConfig) -> dict:
                                                    cfg.val_fraction, cfg.seed, augment=cfg.augment, classes=classes,
                                                    skip_log=skip_log, max_bad_fraction=cfg.max_bad_fraction)
     classes = classes or []
-    if len(train_ds) < global_batch(cfg, dist_info):
-        raise UserError(f"the global batch ({cfg.batch_size} x {dist_info.world_size} processes x {cfg.grad_accum} "
-                        f"accumulated) is larger than the {len(train_ds)} training images: lower --batch-size or "
-                        "--grad-accum, or add images.")
-    gpt_cfg = dataclasses.replace(cfg.model, **gpt_shape(mc, len(classes)))
-    cfg = dataclasses.replace(cfg, model=gpt_cfg, vqgan_checkpoint=vq_path)
-    model = VQGANTransformer(vqgan, gpt_cfg, classes).to(device)
-    if resumed is not None and resumed["model_config"] != config_to_dict(gpt_cfg):
-        raise UserError(f"{resume_path} holds a GPT of another shape ({resumed['model_config']}): give the same "
-                        "--preset and size flags as the original run.")
-
-    # Fixed images for the sample grids: the first of the validation split when there is one.
-    grid_ds = val_ds if len(val_ds) else train_ds
-    fixed, fixed_labels = split_batch(next(iter(make_loader(grid_ds, EpochSampler(len(grid_ds), 0, shuffle=False),
-                                                            cfg.num_samples, 0, False))))
+    check_global_batch(cfg, dist_info, len(train_ds))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **gpt_shape(mc, len(classes))),
+                              vqgan_checkpoint=vq_path)
+    model = VQGANTransformer(vqgan, cfg.model, classes).to(device)
+    steps_per_epoch, total_steps = run_length(cfg, len(train_ds), dist_info)
+    s = build_stage2(cfg, model, device, total_steps, dist_info)
+    step = restore(s, resumed, resume) if resumed else 0
+    fixed, fixed_labels = split_batch(fixed_images(train_ds, val_ds, cfg.num_samples))
     if not cfg.augment and cfg.cache_tokens:
         train_ds = encode_dataset(model, train_ds, cfg.batch_size, cfg.num_workers, device)
         val_ds = encode_dataset(model, val_ds, cfg.batch_size, cfg.num_workers, device) if len(val_ds) else val_ds
         description += f"; tokens cached ({len(train_ds)} x {mc.latent_size}x{mc.latent_size})"
     run = RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints)
-
-    amp_dtype = resolve_precision(cfg.precision, device)
-    sampler = EpochSampler(len(train_ds), cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size)
-    steps_per_epoch = sampler.per_rank // (cfg.batch_size * cfg.grad_accum)
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    lr = scaled_lr(cfg, dist_info)
-    opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=lr,
-                            betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-    if cfg.compile:
-        model.gpt.compile()
-    model_train = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled
-                   else model)  # the frozen VQGAN has no trainable parameters for DDP to synchronize
-    s = Stage2(cfg=cfg, model=model, opt=opt, device=device, amp_dtype=amp_dtype, total_steps=total_steps,
-               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-               learning_rate=lr, model_train=model_train)
-    step = 0
-    if resumed is not None:
-        model.gpt.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["optimizer"])
-        s.scaler.load_state_dict(resumed["scaler"])
-        set_run_rng_state(resumed["rng"])
-        step = int(resumed["step"])
-
-    loader = make_loader(train_ds, sampler, cfg.batch_size, cfg.num_workers, drop_last=True,
-                         pin_memory=device.type == "cuda")
     val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
     fixed = fixed.to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    n_params = sum(p.numel() for p in model.gpt.parameters())
     log(f"data: {description}")
-    log(f"model: GPT {n_params / 1e6:.2f}M parameters, {gpt_cfg.n_layer} layers, width {gpt_cfg.n_embd}, "
-        f"{gpt_cfg.block_size} tokens, vocabulary {gpt_cfg.vocab_size} ({mc.n_embed} codes"
-        + (f", {len(classes)} classes" if classes else "") + f", start); VQGAN from {vq_path}; device {device}")
+    log(f"model: GPT {sum(p.numel() for p in model.gpt.parameters()) / 1e6:.2f}M parameters, {cfg.model.n_layer} "
+        f"layers, width {cfg.model.n_embd}, {cfg.model.block_size} tokens, vocabulary {cfg.model.vocab_size} "
+        f"({mc.n_embed} codes" + (f", {len(classes)} classes" if classes else "") + f", start); VQGAN from "
+        f"{vq_path}; device {device}")
     log(describe_batch(cfg, dist_info))
-    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch)"
-        + (f"; resumed at step {step}" if step else ""))
+    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch)" + (f"; resumed at step {step}" if step else ""))
+
+    def evaluate(at: int) -> dict:
+        """Validation loss, and the sample grid of the fixed images."""
+        val = evaluate_loss(s, val_loader, cfg.val_batches)
+        with autocast(device, s.amp_dtype):
+            sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{at:07d}.png", generator)
+        return {} if val is None else {"val_loss": val}
 
     model.train()
-    main_process = is_main_process()
-    bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not main_process)
-    meter, guard = MeanMeter(), TrainingGuard(cfg, run, device, skip_log)
-    with guard:  # the signal handlers are restored however the loop ends
-        for epoch, group in epoch_batches(step, total_steps, cfg.batch_size, sampler, loader, cfg.grad_accum):
-            logs = train_step(s, group, step)
-            meter.add(logs)
-            step += 1
-            bar.update(1)
-            guard.after_step(step, bool(logs["skipped"]), lambda: checkpoint_dict(s, step))
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics = meter.flush()
-                metrics.update(epoch=epoch, lr=lr_at(step - 1, lr, cfg.lr_warmup_steps, total_steps, "cosine"),
-                               tokens_per_s=global_batch(cfg, dist_info) * gpt_cfg.block_size / metrics["step_time"])
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                run.log_metrics(step, metrics)
-            if step % cfg.sample_every == 0 or step == total_steps:
-                if main_process:  # the other processes wait at the barrier
-                    val = evaluate_loss(s, val_loader, cfg.val_batches)
-                    if val is not None:
-                        run.log_metrics(step, {"val_loss": val})
-                    with autocast(device, amp_dtype):
-                        sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{step:07d}.png", generator)
-                barrier()
-            if guard.save_or_stop(step, step % cfg.save_every == 0 or step == total_steps,
-                                  lambda: checkpoint_dict(s, step)):
-                break
-    bar.close()
-    if dist_info.enabled:
-        same = replicas_identical(model.gpt)
-        (log if same else warn)(f"weights {'identical' if same else 'DIFFER'} on all {dist_info.world_size} processes")
+    per_step = global_batch(cfg, dist_info) * cfg.model.block_size
+    hooks = Hooks(train_step=lambda micro, at: train_step(s, micro, at), checkpoint=lambda at: checkpoint_dict(s, at),
+                  evaluate=evaluate, lr=lambda at: lr_at(at, s.learning_rate, cfg.lr_warmup_steps, total_steps,
+                                                         cfg.lr_schedule),
+                  rate=("tokens_per_s", per_step), shown=("loss",), replicas=[(model.gpt, True)])
+    batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
+    step, stopped_by = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log)
     log(f"checkpoint: {run.last}; samples (rows: inputs, reconstructions, half completions, samples): "
         f"{run.sample_dir}")
     run.close()
-    return {"step": step, "stopped_by": guard.signal}
+    return {"step": step, "stopped_by": stopped_by}
 
 
 def cli(argv=None) -> int:

@@ -3,49 +3,86 @@ class conditioning, classifier-free guidance, top-k/top-p sampling with a key/va
 completion, and sliding-window sampling of token grids larger than the training grid (Sec. 3.2,
 "Generating High-Resolution Images").
 
-Token ids (vocab_size = n_codes + n_classes + 1):
+Which id means what is one small object, TokenLayout. This project's layout
+(vocab_size = n_codes + n_classes + 1):
     [0, n_codes)                      codes, raster order over the (h, w) grid
     [n_codes, n_codes + n_classes)    one per class (conditional models)
     n_codes + n_classes               start token; in conditional models also "no class"
 Special ids never share an id with a code and are never sampled. A sequence is
-[first token, code_0, ..., code_{N-2}] and the GPT predicts code_0 ... code_{N-1}.
-
-`taming_layout=True` reproduces the reference's released transformers instead: vocab_size =
-n_codes, the start token is `sos_token` (0, shared with code 0) and class k is token k.
+[first token, code_0, ..., code_{N-2}] and the GPT predicts code_0 ... code_{N-1}. The reference's
+released transformers use TokenLayout.reference instead: vocab_size = n_codes, the start token
+`sos_token` (0, shared with code 0) and class k is token k; they have no "no class" token.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import GPTConfig, UserError, VQGANConfig, model_config_from_dict
+from checkpoint import load_checkpoint
+from config import GPTConfig, VQGANConfig, model_config_from_dict
+from errors import UserError
 from mingpt import GPT
+from official import checkpoint_kind, load_strict, sub_state, transformer_configs
 from vqgan import VQGAN
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token ids of a stage-2 model and the GPT shape they imply."""
+    n_codes: int
+    n_classes: int = 0
+    reference: bool = False  # the reference's released transformers (see the module docstring)
+    sos_token: int = 0  # the reference layout's start token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_codes if self.reference else self.n_codes + self.n_classes + 1
+
+    @property
+    def class_offset(self) -> int:
+        """The id of class 0."""
+        return 0 if self.reference else self.n_codes
+
+    @property
+    def start_token(self) -> int:
+        return self.sos_token if self.reference else self.n_codes + self.n_classes
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether the start token also means "no class" (class dropout and guidance need it)."""
+        return not self.reference
+
+    def gpt_shape(self, vqgan_config: VQGANConfig) -> dict:
+        """The derived GPT sizes: the one place they are computed."""
+        return dict(vocab_size=self.vocab_size, block_size=vqgan_config.latent_size ** 2)
+
+
 def gpt_shape(vqgan_config: VQGANConfig, n_classes: int) -> dict:
-    """The derived GPT sizes: the one place they are computed."""
-    return dict(vocab_size=vqgan_config.n_embed + n_classes + 1, block_size=vqgan_config.latent_size ** 2)
+    """The GPT sizes of this project's token layout for a VQGAN and a number of classes."""
+    return TokenLayout(vqgan_config.n_embed, n_classes).gpt_shape(vqgan_config)
 
 
-def vqgan_from_stage2(ckpt: dict) -> VQGAN:
+def vqgan_from_stage2(ckpt: dict, what: str = "the stage-2 checkpoint") -> VQGAN:
     """The frozen first stage stored inside a stage-2 checkpoint."""
     vqgan = VQGAN(model_config_from_dict(VQGANConfig, ckpt["vqgan_config"]))
-    vqgan.load_state_dict(ckpt["vqgan"])
+    load_strict(vqgan, ckpt["vqgan"], f"{what} (its VQGAN)")
     return vqgan.eval()
 
 
-def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    """Options that would leave no token to sample are a UserError, not a NaN later."""
-    if temperature <= 0:
-        raise UserError(f"temperature {temperature} must be above 0 (use top_k=1 for greedy sampling).")
+def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],
+                        error: type = ValueError) -> None:
+    """Options that would leave no token to sample are refused before sampling (the CLIs pass
+    error=UserError), not a NaN later."""
+    if not temperature > 0:
+        raise error(f"temperature {temperature} must be above 0 (use top-k 1 for greedy sampling).")
     if top_k is not None and top_k < 1:
-        raise UserError(f"top-k {top_k} keeps no token: use at least 1.")
+        raise error(f"top-k {top_k} keeps no token: use at least 1.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top-p {top_p} is out of range: use a value in (0, 1].")
+        raise error(f"top-p {top_p} is out of range: use a value in (0, 1].")
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
@@ -63,21 +100,21 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 
 
 class VQGANTransformer(nn.Module):
-    def __init__(self, vqgan: VQGAN, gpt_config: GPTConfig, classes: Sequence[str] = (), taming_layout: bool = False,
-                 sos_token: int = 0):
+    def __init__(self, vqgan: VQGAN, gpt_config: GPTConfig, classes: Sequence[str] = (),
+                 layout: Optional[TokenLayout] = None):
         super().__init__()
-        expected = gpt_shape(vqgan.config, len(classes))
-        vocab = vqgan.config.n_embed if taming_layout else expected["vocab_size"]
-        if gpt_config.vocab_size != vocab or gpt_config.block_size < expected["block_size"]:
+        self.layout = layout or TokenLayout(vqgan.config.n_embed, len(classes))
+        expected = self.layout.gpt_shape(vqgan.config)
+        if (self.layout.n_codes, self.layout.n_classes) != (vqgan.config.n_embed, len(classes)):
+            raise ValueError(f"the token layout {self.layout} does not fit this VQGAN and {len(classes)} classes")
+        if gpt_config.vocab_size != expected["vocab_size"] or gpt_config.block_size < expected["block_size"]:
             raise ValueError(f"GPT vocab_size/block_size {gpt_config.vocab_size}/{gpt_config.block_size} do not fit "
-                             f"this VQGAN and {len(classes)} classes (expected {vocab}/{expected['block_size']})")
+                             f"this VQGAN and {len(classes)} classes (expected {expected['vocab_size']}/"
+                             f"{expected['block_size']})")
         self.vqgan = vqgan.eval().requires_grad_(False)
         self.gpt = GPT(gpt_config)
         self.classes = list(classes)
         self.n_codes = vqgan.config.n_embed
-        self.taming_layout = taming_layout
-        self.class_offset = 0 if taming_layout else self.n_codes
-        self.start_token = sos_token if taming_layout else self.n_codes + len(self.classes)
         self.latent_shape = (vqgan.config.latent_size, vqgan.config.latent_size)
 
     @property
@@ -106,29 +143,29 @@ class VQGANTransformer(nn.Module):
         if class_labels is None:
             return None
         if not self.conditional:
-            raise UserError("class labels were given but this transformer is unconditional.")
+            raise ValueError("class labels were given but this transformer is unconditional.")
         labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
         if labels.numel() != batch_size:
-            raise UserError(f"{labels.numel()} class labels for {batch_size} samples.")
+            raise ValueError(f"{labels.numel()} class labels for {batch_size} samples.")
         bad = labels[(labels < 0) | (labels >= len(self.classes))]
         if bad.numel():
-            raise UserError(f"class label {bad[0].item()} is not known to this model: it has {len(self.classes)} "
+            raise ValueError(f"class label {bad[0].item()} is not known to this model: it has {len(self.classes)} "
                             f"classes, 0..{len(self.classes) - 1} ({', '.join(self.classes[:10])}"
                             f"{', ...' if len(self.classes) > 10 else ''}).")
         return labels
 
     def first_tokens(self, labels: Optional[torch.Tensor], batch_size: int, device, class_dropout: float = 0.0):
         """(B, 1): the class token of each label, or the start token ("no class")."""
-        start = torch.full((batch_size, 1), self.start_token, dtype=torch.long, device=device)
+        start = torch.full((batch_size, 1), self.layout.start_token, dtype=torch.long, device=device)
         if labels is None:
             return start
-        tokens = (self.class_offset + labels).view(-1, 1)
+        tokens = (self.layout.class_offset + labels).view(-1, 1)
         if class_dropout > 0:
-            if self.taming_layout:
-                raise UserError("the reference's token layout has no 'no class' token: class dropout needs a model "
-                                "trained here.")
+            if not self.layout.has_null_class:
+                raise ValueError("the reference's token layout has no 'no class' token: class dropout needs a model "
+                                 "trained here.")
             tokens = torch.where(torch.rand(batch_size, 1, device=device) < class_dropout, start, tokens)
         return tokens
 
@@ -171,9 +208,9 @@ class VQGANTransformer(nn.Module):
         device = self.gpt.head.weight.device
         labels = self.labels_tensor(class_labels, num_samples, device)
         guided = labels is not None and cfg_scale != 1.0
-        if guided and self.taming_layout:
-            raise UserError("classifier-free guidance needs a 'no class' token, which the reference's transformers "
-                            "do not have: use cfg_scale=1.")
+        if guided and not self.layout.has_null_class:
+            raise ValueError("classifier-free guidance needs a 'no class' token, which the reference's transformers "
+                             "do not have: use cfg_scale=1.")
         first = self.first_tokens(labels, num_samples, device)
         if guided:  # second half of the batch: the same samples without their class
             first = torch.cat([first, self.first_tokens(None, num_samples, device)])
@@ -181,7 +218,7 @@ class VQGANTransformer(nn.Module):
                     generator=generator)
         if grid is not None:
             if prefix is not None:
-                raise UserError("prefix completion and --grid cannot be combined.")
+                raise ValueError("prefix completion and a grid cannot be combined.")
             return self._sample_window(first, num_samples, tuple(grid), pick)
 
         h, w = self.latent_shape
@@ -192,7 +229,7 @@ class VQGANTransformer(nn.Module):
             prefix = prefix.reshape(num_samples, -1).to(device)
             p = prefix.shape[1]
             if p >= n or prefix.min() < 0 or prefix.max() >= self.n_codes:
-                raise UserError(f"a prefix must hold fewer than {n} codes with ids in [0, {self.n_codes}).")
+                raise ValueError(f"a prefix must hold fewer than {n} codes with ids in [0, {self.n_codes}).")
             codes[:, :p] = prefix.repeat(2, 1) if guided else prefix
         if use_cache:
             cache = self.gpt.new_cache(first.shape[0])
@@ -212,7 +249,7 @@ class VQGANTransformer(nn.Module):
         h, w = self.latent_shape
         big_h, big_w = grid
         if big_h < h or big_w < w:
-            raise UserError(f"grid {big_h}x{big_w} is smaller than the transformer's training grid {h}x{w}: "
+            raise ValueError(f"grid {big_h}x{big_w} is smaller than the transformer's training grid {h}x{w}: "
                             f"the sliding window needs at least {h}x{w} tokens.")
         codes = torch.zeros(first.shape[0], big_h, big_w, dtype=torch.long, device=first.device)
         for i in range(big_h):
@@ -231,23 +268,22 @@ class VQGANTransformer(nn.Module):
         """Load a stage-2 checkpoint written by training_transformer.py (it carries its VQGAN),
         or a taming-transformers transformer `.ckpt` (YAML `config`, or shapes of the releases)
         in the reference's token layout."""
-        from official import load_strict, reference_state, sub_state, transformer_configs
-        from utils import load_checkpoint
-
         ckpt = load_checkpoint(path, map_location=map_location or "cpu")
-        reference = reference_state(ckpt)
-        if reference is not None:
-            vq_cfg, gpt_cfg, cond = transformer_configs(reference, config)
+        kind = checkpoint_kind(ckpt)
+        if kind == "reference-transformer":
+            state = ckpt["state_dict"]
+            vq_cfg, gpt_cfg, cond = transformer_configs(state, config)
             vqgan = VQGAN(vq_cfg)
-            load_strict(vqgan, sub_state(reference, "first_stage_model."), f"{path} (first_stage_model)")
-            classes = [str(k) for k in range(cond["n_classes"])] if "n_classes" in cond else []
-            model = cls(vqgan, gpt_cfg, classes, taming_layout=True, sos_token=cond.get("sos_token", 0))
-            gpt_state = {k: v for k, v in sub_state(reference, "transformer.").items() if not k.endswith(".attn.mask")}
-            load_strict(model.gpt, gpt_state, f"{path} (transformer)")
+            load_strict(vqgan, sub_state(state, "first_stage_model."), f"{path} (first_stage_model)")
+            n_classes = cond.get("n_classes", 0)
+            layout = TokenLayout(vq_cfg.n_embed, n_classes, reference=True, sos_token=cond.get("sos_token", 0))
+            model = cls(vqgan, gpt_cfg, [str(k) for k in range(n_classes)], layout)
+            load_strict(model.gpt, sub_state(state, "transformer."), f"{path} (transformer)")
             return model.eval()
-        if ckpt.get("kind") != "transformer":
-            raise UserError(f"{path} is not a stage-2 (transformer) checkpoint (kind '{ckpt.get('kind')}'): "
+        if kind != "transformer":
+            raise UserError(f"{path} is not a stage-2 (transformer) checkpoint (kind '{kind}'): "
                             "give a checkpoint written by training_transformer.py.")
-        model = cls(vqgan_from_stage2(ckpt), model_config_from_dict(GPTConfig, ckpt["model_config"]), ckpt["classes"])
-        model.gpt.load_state_dict(ckpt["model"])
+        model = cls(vqgan_from_stage2(ckpt, str(path)), model_config_from_dict(GPTConfig, ckpt["model_config"]),
+                    ckpt["classes"])
+        load_strict(model.gpt, ckpt["model"], str(path))
         return model.eval()

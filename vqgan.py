@@ -12,15 +12,25 @@ load by name. Usage from a notebook:
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
-from codebook import GumbelQuantizer, VectorQuantizer
-from config import UserError, VQGANConfig, config_to_dict, model_config_from_dict
+from checkpoint import load_checkpoint, save_checkpoint
+from codebook import GumbelQuantizer, Quantized, VectorQuantizer
+from config import VQGANConfig, config_to_dict, model_config_from_dict
 from decoder import Decoder
 from encoder import Encoder
+from errors import UserError
+from official import checkpoint_kind, infer_vqgan_config, load_strict, vqgan_config_from_yaml
+
+
+class Reconstruction(NamedTuple):
+    """What VQGAN.forward returns: the three values of Quantized with the image in place of z_q."""
+    x_rec: torch.Tensor  # (B, C, H, W)
+    indices: torch.Tensor  # (B, h, w) long
+    q_loss: torch.Tensor  # scalar
 
 
 class VQGAN(nn.Module):
@@ -34,7 +44,7 @@ class VQGAN(nn.Module):
         self.decoder = Decoder(out_channels=config.out_channels, **arch)
         if config.quantizer == "gumbel":  # the reference feeds it quant_conv's output, sized z_channels
             self.quantize = GumbelQuantizer(num_hiddens=config.z_channels, embed_dim=config.embed_dim,
-                                            n_embed=config.n_embed)
+                                            n_embed=config.n_embed, kl_weight=config.gumbel_kl_weight)
         else:
             self.quantize = VectorQuantizer(
                 n_embed=config.n_embed, embed_dim=config.embed_dim, beta=config.beta, legacy=config.legacy_beta,
@@ -50,12 +60,11 @@ class VQGAN(nn.Module):
             raise ValueError(f"VQGAN expects images of shape (B, {self.config.in_channels}, H, W) with H and W "
                              f"divisible by {f}; got {tuple(x.shape)}. Resize or crop the input.")
 
-    def encode(self, x: torch.Tensor):
-        """x (B, C, H, W) -> z_q (B, embed_dim, H/f, W/f), indices (B, H/f, W/f), q_loss."""
+    def encode(self, x: torch.Tensor, return_stats: bool = False):
+        """x (B, C, H, W) -> Quantized(z_q (B, embed_dim, H/f, W/f), indices (B, H/f, W/f), q_loss);
+        with return_stats also the codebook statistics for quantize.update()."""
         self._check_input(x)
-        z = self.quant_conv(self.encoder(x))  # (B, embed_dim, h, w)
-        z_q, q_loss, indices = self.quantize(z)
-        return z_q, indices, q_loss
+        return self.quantize(self.quant_conv(self.encoder(x)), return_stats=return_stats)
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """z_q (B, embed_dim, h, w) -> image (B, C, h*f, w*f)."""
@@ -65,9 +74,14 @@ class VQGAN(nn.Module):
         """indices (B, h, w) long -> image (B, C, h*f, w*f)."""
         return self.decode(self.quantize.lookup(indices))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, return_stats: bool = False):
+        """x -> Reconstruction(x_rec, indices, q_loss); with return_stats also the codebook
+        statistics (training: they go to quantize.update() after a successful optimizer step)."""
+        if return_stats:
+            (z_q, indices, q_loss), stats = self.encode(x, return_stats=True)
+            return Reconstruction(self.decode(z_q), indices, q_loss), stats
         z_q, indices, q_loss = self.encode(x)
-        return self.decode(z_q), indices, q_loss
+        return Reconstruction(self.decode(z_q), indices, q_loss)
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -82,20 +96,16 @@ class VQGAN(nn.Module):
         """Load a checkpoint written by this project (training checkpoint or weights-only file
         with 'model' and 'model_config'), or a taming-transformers `.ckpt` (architecture from
         its YAML `config`, else inferred from the weights). Returns the model in eval mode."""
-        from official import infer_vqgan_config, load_strict, reference_state, vqgan_config_from_yaml
-        from utils import load_checkpoint  # utils and official read files: import them lazily
-
         ckpt = load_checkpoint(path, map_location=map_location or "cpu")
-        reference = reference_state(ckpt)
-        if reference is not None:
-            state = {k: v for k, v in reference.items() if not k.startswith("loss.")}
-            if any(k.startswith(("transformer.", "first_stage_model.")) for k in state):
-                raise UserError(f"{path} is a taming-transformers transformer checkpoint, not a VQGAN: load it with "
-                                "VQGANTransformer.from_checkpoint, or give the VQGAN checkpoint.")
+        kind = checkpoint_kind(ckpt)
+        if kind == "reference-transformer":
+            raise UserError(f"{path} is a taming-transformers transformer checkpoint, not a VQGAN: load it with "
+                            "VQGANTransformer.from_checkpoint, or give the VQGAN checkpoint.")
+        if kind == "reference-vqgan":
+            state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("loss.")}
             model = cls(vqgan_config_from_yaml(config) if config else infer_vqgan_config(state))
             load_strict(model, state, str(path))
             return model.eval()
-        kind = ckpt.get("kind", "vqgan")
         if kind != "vqgan" or "model" not in ckpt or "model_config" not in ckpt:
             raise UserError(f"{path} is not a VQGAN checkpoint (kind '{kind}'): give the stage-1 "
                             "checkpoint, e.g. runs/vqgan/checkpoints/last.pt.")
@@ -106,7 +116,7 @@ class VQGAN(nn.Module):
 
 def convert(taming_ckpt: str, out: str, config: Optional[str] = None) -> VQGANConfig:
     """Write a taming-transformers VQGAN as this project's weights-only file (model + config)."""
-    from utils import log, save_checkpoint
+    from utils import log
 
     model = VQGAN.from_checkpoint(taming_ckpt, config=config)
     try:

@@ -219,16 +219,17 @@ def float64():
 
 # ------------------------------------------------------------------------ stage-1 pieces
 def make_stage1(model_cfg, **kw):
-    """A Stage1 on the CPU without LPIPS: batch 4, learning rate 1e-3, a small discriminator."""
+    """A Stage1 on the CPU without LPIPS (unless perceptual=...): batch 4, learning rate 1e-3, a
+    small discriminator, 1000 steps in the run (total_steps=...)."""
     from config import TrainVQGANConfig
     from training_vqgan import build_stage1
     from utils import seed_everything
 
     seed_everything(0)
     options = dict(perceptual_loss_factor=0, batch_size=4, learning_rate=1e-3, disc_ndf=16, disc_layers=2)
-    perceptual = kw.pop("perceptual", None)
+    perceptual, total_steps = kw.pop("perceptual", None), kw.pop("total_steps", 1000)
     cfg = TrainVQGANConfig(model=model_cfg, **{**options, **kw})
-    return build_stage1(cfg, torch.device("cpu"), perceptual)
+    return build_stage1(cfg, torch.device("cpu"), perceptual, total_steps)
 
 
 def random_batch(seed=0, n=4, size=32):

@@ -58,11 +58,10 @@ def check_rates(result, per_step, unit):
 
 
 def test_stage1_compare_times_the_reference_step(tmp_path, phases):
-    """Per step, our training step runs the VQGAN and LPIPS once and the discriminator twice
-    (scoring the reconstructions, then its own step on real and fake together); the reference's
-    step, as its trainer runs it, runs the VQGAN and LPIPS twice (its discriminator step
-    recomputes them) and the discriminator three times (fakes for the generator, then real and
-    fake separately)."""
+    """Per step, our training step runs the VQGAN and LPIPS once and the discriminator three times
+    (scoring the reconstructions, then real and fake in its own step); the reference's step, as
+    its trainer runs it, runs the VQGAN and LPIPS twice (its discriminator step recomputes them)
+    and the discriminator three times as well."""
     out = tmp_path / "stage1.json"
     result = main(parse_args(["stage1", *TINY_VQGAN, "--batch-size", "2", "--steps", "1", "--warmup", "1",
                               "--compare", "--json", str(out)]))
@@ -76,8 +75,14 @@ def test_stage1_compare_times_the_reference_step(tmp_path, phases):
     check_rates(result, 2, "images")
     ours, reference = phases
     n = 2  # warmup + steps
-    assert (ours["vqgan"], ours["lpips"], ours["disc"]) == (n, n, 2 * n)
+    assert (ours["vqgan"], ours["lpips"], ours["disc"]) == (n, n, 3 * n)
     assert (reference["vqgan"], reference["lpips"], reference["disc"]) == (2 * n, 2 * n, 3 * n)
+
+
+def test_stage1_joint_discriminator_batch_makes_one_pass_per_step(phases):
+    main(parse_args(["stage1", *TINY_VQGAN, "--batch-size", "2", "--steps", "1", "--warmup", "1", "--disc-joint-batch"]))
+    ours, = phases
+    assert (ours["vqgan"], ours["disc"]) == (2, 4)  # per step: fakes with reals for the generator, then both
 
 
 def test_gpt_compare_times_attention_by_the_explicit_formula(phases):

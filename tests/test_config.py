@@ -1,15 +1,23 @@
-"""The argparse bridge: one flag per field, aliases, presets, precedence, validation."""
+"""The argparse bridge: one flag per field, aliases, presets, precedence, validation, help."""
+import argparse
 import dataclasses
 
 import pytest
 
-from config import (DEMO_VQGAN, PRESETS, TrainVQGANConfig, UserError, VQGANConfig, build_parser,
+from config import (DEMO_VQGAN, PRESETS, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig, add_fields,
                     parse_train_transformer, parse_train_vqgan)
+from errors import UserError
+
+
+def help_text(*classes) -> str:
+    parser = argparse.ArgumentParser()
+    for cls in classes:
+        add_fields(parser, cls, cls.__name__)
+    return parser.format_help()
 
 
 def test_every_field_has_a_flag_with_its_default_in_help():
-    parser = build_parser(TrainVQGANConfig, VQGANConfig, "", PRESETS)
-    text = parser.format_help()
+    text = help_text(TrainVQGANConfig, VQGANConfig)
     for cls in (TrainVQGANConfig, VQGANConfig):
         for f in dataclasses.fields(cls):
             if f.name != "model":
@@ -21,28 +29,50 @@ def test_every_field_has_a_flag_with_its_default_in_help():
     assert "(default: 1 1 2 2 4)" in text and "(default: 2.25e-05)" in text
 
 
+def test_a_shared_field_is_declared_once_and_takes_each_stage_s_default():
+    """RunConfig declares the fields both runs have; stage 2 changes only their defaults, and its
+    help shows its own default with the one help line."""
+    stage1, stage2 = TrainVQGANConfig(), TrainTransformerConfig()
+    assert (stage1.batch_size, stage1.learning_rate, stage1.lr_schedule) == (8, 2.25e-5, "constant")
+    assert (stage2.batch_size, stage2.learning_rate, stage2.lr_schedule) == (16, 4.5e-4, "cosine")
+    text = help_text(TrainTransformerConfig)
+    assert "--lr-schedule" in text and "(default: cosine)" in text and "(default: 0.00045)" in text
+    assert text.count("\n  --batch-size") == 1  # one flag
+    assert parse_train_transformer(["--lr-schedule", "constant"]).lr_schedule == "constant"
+
+
 def test_original_flag_names_set_the_model_fields():
     cfg = parse_train_vqgan(["--dataset-path", "d", "--image-size", "128", "--latent-dim", "64",
                              "--num-codebook-vectors", "512", "--image-channels", "1", "--beta", "0.5"])
     m = cfg.model
     assert (m.resolution, m.z_channels, m.embed_dim, m.n_embed, m.in_channels, m.out_channels, m.beta) == \
         (128, 64, 64, 512, 1, 1, 0.5)
-    # an explicit field wins over the shorthand
+    # an explicit field wins over the alias
     assert parse_train_vqgan(["--dataset-path", "d", "--latent-dim", "64", "--embed-dim", "8"]).model.embed_dim == 8
+    assert parse_train_vqgan(["--dataset-path", "d", "--image-size", "64", "--resolution", "32"]).model.resolution == 32
+    assert parse_train_transformer(["--checkpoint-path", "x.pt"]).vqgan_checkpoint == "x.pt"
 
 
 def test_precedence_defaults_preset_demo_flags():
     explicit = parse_train_vqgan(["--dataset-path", "d"])
     assert explicit.model == VQGANConfig() and explicit.max_steps is None  # the reference f16-1024
     demo = parse_train_vqgan([])
-    assert demo.preset == "tiny" and demo.model.ch == PRESETS["tiny"]["ch"]
+    assert demo.preset == "tiny" and demo.model.ch == PRESETS["tiny"].model["ch"]
     assert demo.max_steps == DEMO_VQGAN["max_steps"]
-    assert demo.batch_size == PRESETS["tiny"]["batch_size"]
+    assert demo.batch_size == PRESETS["tiny"].run["batch_size"]
     override = parse_train_vqgan(["--preset", "tiny", "--dataset-path", "d", "--ch", "64", "--ch-mult", "1", "2"])
     assert override.model.ch == 64 and override.model.ch_mult == (1, 2) and override.max_steps is None
     assert parse_train_vqgan(["--dataset-path", "d", "--preset", "f16-16384"]).model.n_embed == 16384
     assert parse_train_vqgan(["--dataset-path", "d", "--attn-resolutions"]).model.attn_resolutions == ()
     assert parse_train_vqgan(["--dataset-path", "d", "--no-flip"]).flip is False
+
+
+def test_presets_keep_model_fields_apart_from_run_settings():
+    model_names = {f.name for f in dataclasses.fields(VQGANConfig)}
+    run_names = {f.name for f in dataclasses.fields(TrainVQGANConfig)} - {"model"}
+    for name, preset in PRESETS.items():
+        assert set(preset.model) <= model_names, name
+        assert set(preset.run) <= run_names, name
 
 
 def test_bad_configuration_is_a_user_error():
@@ -74,3 +104,12 @@ def test_config_round_trips_through_a_dict():
     assert model_config_from_dict(VQGANConfig, config_to_dict(cfg)) == cfg
     with pytest.raises(UserError, match="does not know"):
         model_config_from_dict(VQGANConfig, {**config_to_dict(cfg), "new_field": 1})
+    older = {k: v for k, v in config_to_dict(cfg).items() if k != "gumbel_kl_weight"}  # written before the field
+    assert model_config_from_dict(VQGANConfig, older) == cfg
+
+
+@pytest.mark.parametrize("script", ["training_vqgan", "training_transformer", "evaluate_vqgan", "sample_transformer",
+                                    "vqgan"])
+def test_every_cli_renders_its_help(cli, script):
+    r = cli(script, "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage:") and "Traceback" not in r.stderr

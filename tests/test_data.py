@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from config import UserError
+from errors import UserError
 from conftest import write_images
 from data import (EpochSampler, ImageDataset, build_transform, check_images, load_image, scan_images, split_files,
                   to_rgb_array)

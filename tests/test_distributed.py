@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from config import TrainVQGANConfig
 from conftest import NO_NETWORK, ROOT, TINY_FLAGS
 from training_vqgan import build_stage1, generator_step
-from utils import DistInfo, seed_everything
+from distributed import DistInfo
+from utils import seed_everything
 
 STAGE1 = [*TINY_FLAGS, "--val-fraction", "0.2", "--log-every", "1", "--sample-every", "2", "--save-every", "2"]
 
@@ -31,7 +32,7 @@ def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, t
     run = tmp_path / "vqgan"
     codebook = ["--codebook-ema", "0.9", "--codebook-restart-after", "1", "--codebook-kmeans-init"]
     first = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(run), *STAGE1, *codebook,
-                     "--max-steps", "2", "--disc-start", "1", "--grad-accum", "2")
+                     "--max-steps", "2", "--disc-start", "1", "--grad-accum", "2")  # separate real and fake passes
     assert first.returncode == 0, first.stderr[-3000:]
     assert "weights identical on all 2 processes" in first.stdout
     assert "global batch 8 = 2 per process x 2 x 2 accumulated" in first.stdout
@@ -57,6 +58,18 @@ def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, t
 
 
 @pytest.mark.slow
+def test_the_joint_discriminator_batch_runs_under_torchrun(images, tmp_path):
+    """The default (separate real and fake passes, BatchNorm buffers not broadcast) runs in the
+    test above; the one-pass option (--disc-joint-batch) runs here."""
+    joint = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(tmp_path / "joint"),
+                     *STAGE1, "--max-steps", "2", "--disc-start", "0", "--disc-joint-batch")
+    assert joint.returncode == 0, joint.stderr[-3000:]
+    assert "weights identical on all 2 processes" in joint.stdout
+    lines = [json.loads(line) for line in (tmp_path / "joint" / "metrics.jsonl").read_text().splitlines()]
+    assert all("d_loss" in m for m in lines if "loss" in m)  # the discriminator trained at every step
+
+
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job_with_its_error(images, tmp_path):
     """A user error (here: the global batch is larger than the data) ends every process, exit 2
     from the ranks, with the rank named; no hang."""
@@ -75,7 +88,7 @@ def _worker(rank, world, init_file, tiny_cfg, x, out):
     torch.set_default_dtype(torch.float64)  # as the single process in the test
     try:
         seed_everything(0)
-        s = build_stage1(_config(tiny_cfg, x.shape[0] // world), torch.device("cpu"), None, DistInfo(rank, rank, world))
+        s = build_stage1(_config(tiny_cfg, x.shape[0] // world), torch.device("cpu"), None, 10, DistInfo(rank, rank, world))
         half = x.shape[0] // world
         generator_step(s, x[rank * half:(rank + 1) * half], step=0)
         torch.save({"state": {k: v.clone() for k, v in s.model.state_dict().items()},
@@ -102,7 +115,7 @@ def test_two_processes_of_batch_b_update_like_one_process_of_batch_2b(tiny_cfg, 
     out = str(tmp_path / "state")
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), cfg, x, out), nprocs=2, join=True)
     seed_everything(0)
-    single = build_stage1(_config(cfg, 4), torch.device("cpu"), None)
+    single = build_stage1(_config(cfg, 4), torch.device("cpu"), None, 10)
     generator_step(single, x, step=0)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     for name, value in single.model.state_dict().items():

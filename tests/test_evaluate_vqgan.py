@@ -9,7 +9,7 @@ from conftest import assert_user_error, random_vgg_file, reference_vqgan, write_
 from data import ImageDataset, build_transform, scan_images
 from evaluate_vqgan import main, parse_args
 from metrics import psnr
-from utils import save_checkpoint
+from checkpoint import save_checkpoint
 from vqgan import VQGAN
 
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from config import UserError
+from checkpoint import load_checkpoint
 from conftest import random_vgg_file, reference_shapes
+from errors import UserError
 from lpips import LPIPS, VGGWeightsUnavailable, lin_weights_path, load_lpips, load_vgg_state
-from utils import load_checkpoint
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from config import UserError
+from errors import UserError
 from metrics import ReconstructionFID, psnr, ssim
 
 

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from config import GPTConfig, UserError, VQGANConfig
+from checkpoint import load_checkpoint
+from config import GPTConfig, VQGANConfig
 from conftest import REFERENCE_TINY as TINY
 from conftest import assert_user_error, reference_vqgan, save_lightning
+from errors import UserError
 from lpips import LPIPS, load_lpips
 from official import infer_vqgan_config
-from transformer import VQGANTransformer
-from utils import load_checkpoint
+from transformer import TokenLayout, VQGANTransformer
 from vqgan import VQGAN
 
 
@@ -130,8 +131,9 @@ def reference_transformer(tmp_path, cond):
     """A Net2NetTransformer-style checkpoint and its YAML; vocab = codes, like the releases."""
     torch.manual_seed(1)
     vqgan = VQGAN(SMALL)
+    n_classes = cond.get("n_classes", 0)
     gpt = VQGANTransformer(vqgan, GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32),
-                           [str(k) for k in range(cond.get("n_classes", 0))], taming_layout=True).gpt
+                           [str(k) for k in range(n_classes)], TokenLayout(40, n_classes, reference=True)).gpt
     state = {**{f"first_stage_model.{k}": v for k, v in vqgan.state_dict().items()},
              **{f"transformer.{k}": v for k, v in gpt.state_dict().items()},
              **{f"transformer.blocks.{i}.attn.mask": torch.ones(1, 1, 16, 16).tril() for i in range(2)}}
@@ -165,7 +167,7 @@ def reference_sampling(gpt, first_token: int, n: int, steps: int, top_k, generat
 def test_reference_transformer_samples_the_reference_tokens(tmp_path, cond):
     gpt, path, config = reference_transformer(tmp_path, cond)
     model = VQGANTransformer.from_checkpoint(path, config=config)
-    assert model.taming_layout and model.gpt.config.vocab_size == 40
+    assert model.layout.reference and model.gpt.config.vocab_size == 40
     assert all(torch.equal(a, b) for a, b in zip(gpt.state_dict().values(), model.gpt.state_dict().values()))
     label = 7 if cond else None
     first = 7 if cond else 0  # class k is token k; the start token shares id 0 with code 0
@@ -177,7 +179,7 @@ def test_reference_transformer_samples_the_reference_tokens(tmp_path, cond):
         theirs = reference_sampling(gpt.eval(), first, 3, 16, top_k, torch.Generator().manual_seed(4))
         assert torch.equal(ours.flatten(1), theirs)
     if cond:
-        with pytest.raises(UserError, match="guidance"):
+        with pytest.raises(ValueError, match="guidance"):
             model.sample(1, class_labels=1, cfg_scale=2.0)
     images = model.indices_to_images(model.sample(1, class_labels=label))
     assert images.shape == (1, 3, 32, 32)

@@ -1,27 +1,28 @@
 """Stage-1 training: gradient isolation of the two steps, the single-backward generator step
 against the reference's two-backward computation, learning, determinism, and the CLI."""
 import json
+import math
 import os
 
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from conftest import TINY_FLAGS, assert_user_error, copy_run, make_stage1, random_batch, random_vgg_file, write_images
 from training_vqgan import discriminator_step, generator_step, train_step
-from utils import load_checkpoint
 from vqgan import VQGAN
 
 
 def test_generator_step_gives_no_gradient_to_the_discriminator(tiny_cfg):
     s = make_stage1(tiny_cfg, disc_start=0)
     before = [p.detach().clone() for p in s.disc.parameters()]
-    logs, x_rec, _ = generator_step(s, random_batch(), step=0)
+    logs, x_recs, _ = generator_step(s, random_batch(), step=0)
     assert logs["g_loss"].item() != 0 and logs["d_weight"].item() > 0  # the GAN term was active
     assert all(p.grad is None for p in s.disc.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, s.disc.parameters()))
     assert all(p.requires_grad for p in s.disc.parameters())  # unfrozen again afterwards
     assert s.model.decoder.conv_out.weight.grad is not None
-    assert not x_rec.requires_grad
+    assert len(x_recs) == 1 and not x_recs[0].requires_grad
 
 
 def test_discriminator_step_gives_no_gradient_to_the_vqgan(tiny_cfg):
@@ -45,27 +46,13 @@ def test_no_discriminator_work_before_disc_start(tiny_cfg):
     assert "d_loss" in train_step(s, random_batch(), step=10)
 
 
-def two_backward_reference(s, x, perceptual, disc_weight, disc_factor, codebook_weight):
-    """The reference's generator update, derived by hand: the adaptive weight from the gradients
-    of the NLL and of the GAN loss at the decoder's last layer, each through the whole graph,
-    then one backward of the weighted sum with the discriminator frozen. Returns lambda."""
-    x_rec, _, q_loss = s.model(x)
-    nll = (x - x_rec).abs().mean() + (perceptual(x, x_rec).mean() if perceptual is not None else 0)
-    g_loss = -s.disc(torch.cat([x, x_rec]))[x.shape[0]:].mean()  # fakes scored inside a real+fake batch
-    last = s.model.decoder.conv_out.weight
-    g_nll, = torch.autograd.grad(nll, last, retain_graph=True)
-    g_gan, = torch.autograd.grad(g_loss, last, retain_graph=True)
-    lam = disc_weight * (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
-    s.disc.requires_grad_(False)
-    (nll + lam * disc_factor * g_loss + codebook_weight * q_loss).backward()
-    return lam
-
-
 @pytest.mark.parametrize("perceptual", [False, True])
-def test_single_pass_generator_step_equals_the_two_backward_computation(tiny_cfg, tmp_path, float64, perceptual):
-    """The step backpropagates each loss once to x_rec; the reference takes the adaptive weight's
-    gradients through the whole graph and backpropagates the weighted sum again. Equal in exact
-    arithmetic, so compared in float64: lambda and every VQGAN gradient."""
+def test_the_generator_step_computes_the_two_backward_gradients(tiny_cfg, tmp_path, float64, perceptual):
+    """generator_step (the single-backward execution, the discriminator frozen and scoring the
+    reconstructions on their own) against the reference's two-backward execution of the paper's
+    objective (losses.backward_two_pass) on an identical copy. Equal in exact arithmetic, so
+    compared in float64: lambda and every VQGAN gradient."""
+    from losses import LossWeights, backward_two_pass, generator_terms
     from lpips import load_lpips
 
     lp = load_lpips(str(random_vgg_file(tmp_path)[0])).double() if perceptual else None
@@ -75,7 +62,11 @@ def test_single_pass_generator_step_equals_the_two_backward_computation(tiny_cfg
     fast = make_stage1(tiny_cfg, **kw)
     logs, _, _ = generator_step(fast, x, step=0)
     plain = make_stage1(tiny_cfg, **kw)
-    lam = two_backward_reference(plain, x, lp, disc_weight=0.7, disc_factor=0.9, codebook_weight=1.3)
+    x_rec, _, q_loss = plain.model(x)
+    plain.disc.requires_grad_(False)
+    w = LossWeights.of(plain.cfg)
+    lam = backward_two_pass(generator_terms(x, x_rec, q_loss, w, lp, plain.disc(x_rec)), plain.model.last_layer, w,
+                            gan=True, scale=torch.ones(()))
 
     assert logs["d_weight"].dtype == torch.float64 and lam.item() > 0
     torch.testing.assert_close(logs["d_weight"], lam, rtol=1e-10, atol=0)
@@ -88,6 +79,40 @@ def test_single_pass_generator_step_equals_the_two_backward_computation(tiny_cfg
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13, msg=name)
             n_grads += 1
     assert n_grads == sum(1 for p in plain.model.parameters() if p.requires_grad)
+
+
+def test_restarts_count_optimizer_steps_under_gradient_accumulation(tiny_cfg):
+    """With --grad-accum 2 each optimizer step sees two forward passes; a code unused for N
+    optimizer steps is restarted at step N, not N/2."""
+    import dataclasses
+
+    s = make_stage1(dataclasses.replace(tiny_cfg, codebook_restart_after=4), disc_start=10**9)
+    with torch.no_grad():
+        s.model.quantize.embedding.weight[5] = 1e4  # a code no encoder output comes near
+    restarted_at = None
+    for step in range(4):
+        logs = train_step(s, [random_batch(2 * step, n=2), random_batch(2 * step + 1, n=2)], step)
+        counter = s.model.quantize.maintenance.unused_steps[5].item()
+        if logs["codes_restarted"].item() > 0:
+            restarted_at = step + 1
+            break
+        assert counter == step + 1  # one count per optimizer step, not per micro-batch
+    assert restarted_at == 4 and s.model.quantize.embedding.weight[5].abs().max() < 1e3
+
+
+def test_the_discriminator_sees_real_and_fake_separately_by_default(tiny_cfg, monkeypatch):
+    """As the reference: the generator step scores the reconstructions alone, the discriminator
+    step makes one pass over the real and one over the reconstructed batch; --disc-joint-batch
+    makes one pass over both, in both steps."""
+    from discriminator import NLayerDiscriminator
+
+    batches = []
+    forward = NLayerDiscriminator.forward
+    monkeypatch.setattr(NLayerDiscriminator, "forward", lambda self, x: batches.append(x.shape[0]) or forward(self, x))
+    for joint, expected in ((False, [4, 4, 4]), (True, [8, 8])):
+        batches.clear()
+        train_step(make_stage1(tiny_cfg, disc_start=0, disc_joint_batch=joint), random_batch(), step=0)
+        assert batches == expected, joint
 
 
 def test_overfitting_one_batch_halves_l1(tiny_cfg):
@@ -210,3 +235,20 @@ def test_cli_help_lists_flags_with_defaults(cli):
     assert r.returncode == 0
     for text in ("--dataset-path", "--preset", "--max-steps", "--vgg-weights", "--precision", "(default: hinge)"):
         assert text in r.stdout
+
+
+def test_gumbel_quantizer_trains_with_the_reference_temperature_schedule(tiny_cfg):
+    """The reference's GumbelVQ: the temperature follows a cosine from 0.9 towards 1e-6 over
+    1,000,001 steps (set at every step), and the KL term weighs 1e-8."""
+    import dataclasses
+
+    from training_vqgan import gumbel_temperature
+
+    s = make_stage1(dataclasses.replace(tiny_cfg, quantizer="gumbel", z_channels=8, embed_dim=8), disc_start=10**9)
+    assert s.model.quantize.kl_weight == 1e-8
+    assert gumbel_temperature(0, s.cfg) == pytest.approx(0.9, rel=1e-12)
+    assert gumbel_temperature(500000, s.cfg) == pytest.approx(1e-6 + 0.5 * (0.9 - 1e-6) * (1 + math.cos(math.pi * 500000 / 1000001)), rel=1e-12)
+    assert gumbel_temperature(2 * 10**6, s.cfg) == pytest.approx(1e-6, rel=1e-9)
+    logs = train_step(s, random_batch(), step=250000)
+    assert s.model.quantize.temperature == gumbel_temperature(250000, s.cfg) and logs["skipped"].item() == 0
+    assert 0 < logs["usage"].item() <= 1

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from config import GPTConfig, UserError
-from transformer import VQGANTransformer, filter_logits, gpt_shape
+from config import GPTConfig
+from transformer import TokenLayout, VQGANTransformer, filter_logits, gpt_shape
 from vqgan import VQGAN
 
 
@@ -23,10 +23,14 @@ def small_cfg(tiny_cfg):
 
 def test_token_layout(small_cfg):
     m = make(small_cfg, classes=("a", "b", "c"))
-    assert m.n_codes == 64 and m.start_token == 67 and m.gpt.config.vocab_size == 68
+    assert m.n_codes == 64 and m.layout.start_token == 67 and m.gpt.config.vocab_size == 68
+    assert m.layout.class_offset == 64 and m.layout.has_null_class
     assert m.gpt.config.block_size == 16 and m.latent_shape == (4, 4)
     u = make(small_cfg)
-    assert u.start_token == 64 and u.gpt.config.vocab_size == 65
+    assert u.layout.start_token == 64 and u.gpt.config.vocab_size == 65
+    # the reference's released transformers: vocabulary = codes, class k is token k, sos shared with code 0
+    ref = TokenLayout(64, 3, reference=True, sos_token=0)
+    assert (ref.vocab_size, ref.class_offset, ref.start_token, ref.has_null_class) == (64, 0, 0, False)
 
 
 def test_filters_keep_exactly_the_intended_tokens():
@@ -43,8 +47,8 @@ def test_filters_keep_exactly_the_intended_tokens():
 
 def test_sampling_options_that_leave_nothing_are_refused(small_cfg):
     m = make(small_cfg)
-    for kw in (dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=0.0)):
-        with pytest.raises(UserError):
+    for kw in (dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=0.0), dict(temperature=float("nan"))):
+        with pytest.raises(ValueError):
             m.sample(1, **kw)
 
 
@@ -103,7 +107,7 @@ def test_sliding_window(small_cfg, float64):
     plain = m.sample(2, use_cache=False, generator=g(), top_k=10)
     assert torch.equal(same, plain)
     assert m.indices_to_images(big).shape == (2, 3, 48, 72)
-    with pytest.raises(UserError, match="smaller than the transformer's training grid"):
+    with pytest.raises(ValueError, match="smaller than the transformer's training grid"):
         m.sample(1, grid=(3, 8))
 
 
@@ -115,7 +119,7 @@ def test_window_context_is_the_clamped_window(small_cfg):
     codes = m.sample(1, grid=(6, 6), generator=torch.Generator().manual_seed(0))
     last = seen[-1][0]  # [start] + 15 window tokens before (3, 3) in the window
     window = codes[0, 2:6, 2:6].reshape(-1)
-    assert last[0].item() == m.start_token and torch.equal(last[1:], window[:15])
+    assert last[0].item() == m.layout.start_token and torch.equal(last[1:], window[:15])
 
 
 def test_class_token_and_guidance(small_cfg):
@@ -127,9 +131,9 @@ def test_class_token_and_guidance(small_cfg):
     seen.clear()
     m.sample(2, class_labels=[1, 0], cfg_scale=3.0, top_k=1)
     assert seen[0].tolist() == [65, 64, 67, 67]  # conditional half, then "no class"
-    with pytest.raises(UserError, match="not known to this model"):
+    with pytest.raises(ValueError, match="not known to this model"):
         m.sample(1, class_labels=3)
-    with pytest.raises(UserError, match="unconditional"):
+    with pytest.raises(ValueError, match="unconditional"):
         make(small_cfg).sample(1, class_labels=0)
 
 

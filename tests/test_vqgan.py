@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from config import UserError, VQGANConfig
+from config import VQGANConfig
+from errors import UserError
 from conftest import reference_shapes
 from vqgan import VQGAN
 
@@ -56,7 +57,7 @@ def test_gradients_reach_encoder_and_codebook(tiny_cfg):
 
 
 def test_checkpoint_round_trip_weights_only(tiny_cfg, tmp_path):
-    from utils import save_checkpoint
+    from checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = VQGAN(tiny_cfg).eval()
@@ -72,7 +73,7 @@ def test_checkpoint_round_trip_weights_only(tiny_cfg, tmp_path):
 
 
 def test_from_checkpoint_rejects_other_kinds(tiny_cfg, tmp_path):
-    from utils import save_checkpoint
+    from checkpoint import save_checkpoint
 
     path = tmp_path / "gpt.pt"
     save_checkpoint({"kind": "transformer", "model": {}}, path)

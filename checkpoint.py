@@ -1,0 +1,177 @@
+"""Checkpoint files: the atomic write, the one way every checkpoint is read (weights-only, or a
+restricted unpickler for the reference's Lightning files: nothing in a file is ever imported or
+run), the random-number states a bit-identical resume needs, and where a run resumes from.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distributed import is_distributed
+from errors import UserError
+
+
+# ----------------------------------------------------------------------------------- files
+def save_checkpoint(obj: dict, path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash at any
+    moment leaves either the old or the new file, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Placeholder:
+    """Stands in for a global that a checkpoint names but that is not a tensor rebuilder or a
+    plain container (a Lightning callback class, os.system, ...). It is never imported: calling
+    it builds another placeholder, and state given to it is kept as inert data."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        return type(self)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {type(self).__qualname__}>"
+
+
+@functools.lru_cache(maxsize=1)
+def _allowed_globals() -> dict:
+    """What a restricted load may really resolve: tensor and storage rebuilding, dtypes, plain
+    containers. Everything else becomes a Placeholder."""
+    import collections
+    import torch._utils
+
+    allowed = {("collections", "OrderedDict"): collections.OrderedDict,
+               ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
+               ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+               ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+               ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+               ("torch.storage", "UntypedStorage"): torch.UntypedStorage}
+    for name in dir(torch):
+        obj = getattr(torch, name, None)
+        if isinstance(obj, torch.dtype) or (name.endswith("Storage") and isinstance(obj, type)):
+            allowed[("torch", name)] = obj
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        found = _allowed_globals().get((module, name))
+        if found is not None:
+            return found
+        return type(f"{module}.{name}", (Placeholder,), {})  # a new inert class, nothing imported
+
+
+class _RestrictedPickleModule:
+    """The `pickle_module` torch.load is given for files it cannot load weights-only."""
+    Unpickler = _RestrictedUnpickler
+    __name__ = "restricted_pickle"
+
+    @staticmethod
+    def load(file, **kwargs):
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def load_untrusted(path, map_location="cpu"):
+    """Load a pickled checkpoint that references classes we do not have (Lightning's), without
+    importing or calling any of them: tensors and plain containers are rebuilt, every other
+    global becomes an inert Placeholder."""
+    return torch.load(path, map_location=map_location, pickle_module=_RestrictedPickleModule, weights_only=False)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """The one way this project reads a checkpoint, whoever wrote it: weights-only loading, and
+    for files that reference other classes (the reference's Lightning checkpoints) the restricted
+    loader above. Neither ever runs code from the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist: check the path.")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # names globals weights-only loading refuses
+        try:
+            obj = load_untrusted(path, map_location)
+        except Exception as e:
+            raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}).") from None
+    except Exception as e:
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict.")
+    return obj
+
+
+# ---------------------------------------------------------------------------- random states
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA generator states as plain values and tensors
+    (loadable with weights_only=True)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def run_rng_state() -> dict:
+    """rng_state() of this process and, under torchrun, under "ranks" every process's in rank
+    order (a collective: every process calls it), so that each one resumes its own stream."""
+    state = rng_state()
+    if is_distributed():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, state)
+        state = {**state, "ranks": ranks}
+    return state
+
+
+def set_run_rng_state(state: dict) -> None:
+    """Restore what run_rng_state saved: this rank's own state when the number of processes is
+    the same, else the saving rank 0's."""
+    ranks = state.get("ranks")
+    if ranks and is_distributed() and len(ranks) == dist.get_world_size():
+        state = ranks[dist.get_rank()]
+    set_rng_state(state)
+
+
+# --------------------------------------------------------------------------------- resuming
+def last_checkpoint(run_dir) -> Path:
+    """A run folder's newest checkpoint, checkpoints/last.pt."""
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def resume_path(run_dir, resume: Optional[str]) -> Optional[str]:
+    """The checkpoint to resume from ('latest': the run folder's last.pt), or None for a new run.
+    A new run may not overwrite a folder that already holds a checkpoint."""
+    last = last_checkpoint(run_dir)
+    if resume is None and last.exists():
+        raise UserError(f"{last} already exists: continue that run with --resume latest, or start a new one "
+                        "with another --output-dir.")
+    return str(last) if resume == "latest" else resume
