@@ -17,7 +17,9 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
+    """x * sigmoid(x), the reference's nonlinearity, as PyTorch's fused SiLU: one kernel instead
+    of two and no intermediate kept for the backward."""
+    return F.silu(x)
 
 
 def Normalize(in_channels: int) -> nn.GroupNorm:

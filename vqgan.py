@@ -12,6 +12,8 @@ load by name. Usage from a notebook:
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -19,11 +21,12 @@ import torch.nn as nn
 
 from checkpoint import load_checkpoint, save_checkpoint
 from codebook import GumbelQuantizer, Quantized, VectorQuantizer
-from config import VQGANConfig, config_to_dict, model_config_from_dict
+from config import VQGANConfig, add_fields, config_to_dict, given_values, model_config_from_dict, option
 from decoder import Decoder
 from encoder import Encoder
 from errors import UserError
 from official import checkpoint_kind, infer_vqgan_config, load_strict, vqgan_config_from_yaml
+from utils import log, run_cli
 
 
 class Reconstruction(NamedTuple):
@@ -114,39 +117,40 @@ class VQGAN(nn.Module):
         return model.eval()
 
 
-def convert(taming_ckpt: str, out: str, config: Optional[str] = None) -> VQGANConfig:
-    """Write a taming-transformers VQGAN as this project's weights-only file (model + config)."""
-    from utils import log
+@dataclass
+class ConvertConfig:
+    """`python vqgan.py convert`: a taming-transformers VQGAN as this project's weights-only file."""
+    taming_ckpt: Optional[str] = option(None, "the reference's checkpoint (.ckpt)", required=True)
+    out: Optional[str] = option(None, "output file, loadable with VQGAN.from_checkpoint and weights_only=True", required=True)
+    config: Optional[str] = option(None, "its YAML config (default: infer the architecture from the weights)")
 
-    model = VQGAN.from_checkpoint(taming_ckpt, config=config)
+
+def convert(args: ConvertConfig) -> VQGANConfig:
+    """Write a taming-transformers VQGAN as this project's weights-only file (model + config)."""
+    model = VQGAN.from_checkpoint(args.taming_ckpt, config=args.config)
     try:
         save_checkpoint({"kind": "vqgan", "format_version": 1, "model": model.state_dict(),
-                         "model_config": model.config_dict()}, out)
+                         "model_config": model.config_dict()}, args.out)
     except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror}): choose a writable --out path.") from None
-    log(f"wrote {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        raise UserError(f"cannot write {args.out} ({e.strerror}): choose a writable --out path.") from None
+    log(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{model.config.n_embed} codes, f{model.config.downsample_factor}")
     return model.config
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[list[str]] = None) -> ConvertConfig:
     parser = argparse.ArgumentParser(description="VQGAN tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="write a taming-transformers .ckpt as a weights-only checkpoint")
-    conv.add_argument("--taming-ckpt", required=True, help="the reference's checkpoint (.ckpt)")
-    conv.add_argument("--config", default=None, help="its YAML config (default: infer the architecture from the weights)")
-    conv.add_argument("--out", required=True, help="output file, loadable with VQGAN.from_checkpoint and weights_only=True")
-    return parser.parse_args(argv)
+    add_fields(sub.add_parser("convert", help=ConvertConfig.__doc__.split(": ", 1)[1]), ConvertConfig)
+    given = given_values(parser.parse_args(argv))
+    given.pop("command")
+    return ConvertConfig(**given)
 
 
 def cli(argv=None) -> int:
     """The command line: exit code 0, or 2 for a user error (one message, no traceback)."""
-    from utils import run_cli
-
-    return run_cli(lambda args: convert(args.taming_ckpt, args.out, args.config), parse_args, argv)
+    return run_cli(convert, parse_args, argv)
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(cli())
