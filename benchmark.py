@@ -29,11 +29,11 @@ from typing import Callable, Optional
 import torch
 
 from config import (GPT_PRESETS, PRESETS, GPTConfig, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig, add_fields,
-                    given_values, make_config, option)
+                    check_finite, given_values, make_config, option, require)
 from errors import UserError
 from losses import LossWeights, reference_step
 from lpips import LPIPS
-from utils import autocast, log, resolve_device, resolve_precision, run_cli
+from utils import autocast, log, resolve_device, resolve_precision, run_cli, writable_file
 from vqgan import VQGAN
 
 
@@ -50,6 +50,10 @@ class BenchConfig:
     json: Optional[str] = option(None, "also write the result to this JSON file")
     command: str = "stage1"  # the subcommand (not a flag)
     model: dict = dataclasses.field(default_factory=dict)  # model fields given as flags (not a flag itself)
+
+    def __post_init__(self):
+        check_finite(self)
+        require(self, dict(batch_size=1, steps=1, warmup=0))
 
 
 @dataclass
@@ -70,6 +74,10 @@ class SampleBench(BenchConfig):
     top_k: int = option(100, "top-k sampling")
     steps: int = 3  # a whole token grid per step: fewer steps
     warmup: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, dict(top_k=1))
 
 
 COMMANDS = {"stage1": (Stage1Bench, "one VQGAN training step: generator and discriminator, GAN and LPIPS active", (VQGANConfig,)),
@@ -234,8 +242,8 @@ def bench_sample(args: SampleBench, device: torch.device) -> dict:
 
 def main(args: BenchConfig) -> dict:
     device = resolve_device(args.device)
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        raise UserError("--batch-size and --steps must be at least 1, --warmup at least 0.")
+    if args.json:
+        writable_file(args.json, "--json")  # before the timing, not after it
     for name in ("preset",) + (("gpt_preset",) if args.command != "stage1" else ()):
         presets = PRESETS if name == "preset" else GPT_PRESETS
         if getattr(args, name) not in presets:

@@ -103,18 +103,24 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """The one way this project reads a checkpoint, whoever wrote it: weights-only loading, and
     for files that reference other classes (the reference's Lightning checkpoints) the restricted
     loader above. Neither ever runs code from the file."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file: give a file such as "
+                        f"{Path(path) / 'checkpoints' / 'last.pt'}.")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check the path.")
+    def unreadable(e: Exception) -> UserError:  # not a torch file at all (text, an image, cut short): say so
+        return UserError(f"{path} is not a PyTorch checkpoint file, or it is damaged ({type(e).__name__}"
+                         f"{': ' + str(e).splitlines()[0] if str(e) else ''}): give a .pt or .ckpt file.")
+
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # names globals weights-only loading refuses
+    except pickle.UnpicklingError:  # names globals weights-only loading refuses (or is no pickle at all)
         try:
             obj = load_untrusted(path, map_location)
         except Exception as e:
-            raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}).") from None
+            raise unreadable(e) from None
     except Exception as e:
-        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+        raise unreadable(e) from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict.")
     return obj
@@ -152,13 +158,76 @@ def run_rng_state() -> dict:
     return state
 
 
-def set_run_rng_state(state: dict) -> None:
+def set_run_rng_state(state, what: str = "the checkpoint") -> None:
     """Restore what run_rng_state saved: this rank's own state when the number of processes is
-    the same, else the saving rank 0's."""
-    ranks = state.get("ranks")
-    if ranks and is_distributed() and len(ranks) == dist.get_world_size():
-        state = ranks[dist.get_rank()]
-    set_rng_state(state)
+    the same, else the saving rank 0's. A malformed entry is a UserError."""
+    try:
+        ranks = state.get("ranks")
+        if ranks and is_distributed() and len(ranks) == dist.get_world_size():
+            state = ranks[dist.get_rank()]
+        set_rng_state(state)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"the random states in {what} are not what this project saves ({type(e).__name__}: {e}): "
+                        "the checkpoint is damaged or was written by another program.") from None
+
+
+# ------------------------------------------------------------------------------- restoring
+def load_strict(module, state, what: str) -> None:
+    """load_state_dict with every key checked (after the modules' own renaming hooks): missing
+    and unexpected keys, tensors of the wrong shape and non-finite weights end in one message
+    that names them."""
+    if not isinstance(state, dict):
+        raise UserError(f"{what} holds no weights (a {type(state).__name__} where a state dict belongs).")
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{what} holds non-finite weights (NaN or inf) in {bad[0]}"
+                        + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "")
+                        + ": it cannot be used; take an earlier checkpoint.")
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes: "size mismatch for ..."
+        raise UserError(f"{what} does not match the architecture: {str(e).splitlines()[-1].strip()}") from None
+    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    if missing or unexpected:
+        show = lambda keys: ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")  # noqa: E731
+        raise UserError(f"{what} does not match the architecture: "
+                        + (f"missing {show(missing)}" if missing else "")
+                        + ("; " if missing and unexpected else "")
+                        + (f"unexpected {show(unexpected)}" if unexpected else "")
+                        + ". Is it the right checkpoint, and the config right for it?")
+
+
+def require_entries(ckpt: dict, names, path, what: str) -> None:
+    """Every entry a checkpoint must have to be restored from: one message naming the missing ones."""
+    missing = [n for n in names if n not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it is not a whole {what} (was it written by another "
+                        "program, or cut short?). Give another checkpoint.")
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state, what: str) -> None:
+    """Optimizer state whose groups and per-parameter tensors fit this optimizer's parameters."""
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{what} does not fit this model's optimizer ({e}).") from None
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        for key, value in opt.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise UserError(f"{what} has {key} of shape {tuple(value.shape)} for a parameter of shape "
+                                f"{tuple(p.shape)}: it belongs to another model.")
+
+
+def load_scaler(scaler: torch.amp.GradScaler, state: dict) -> Optional[str]:
+    """A GradScaler's state; precision may change on resume (fp16 needs one, bf16 and fp32 not):
+    returns a note when the saved state does not apply."""
+    if scaler.is_enabled() and not state:
+        return "fp16 loss scaling starts afresh (the checkpoint was not trained in fp16)"
+    if not scaler.is_enabled():
+        return "the checkpoint's fp16 loss scale is not used (not training in fp16 now)" if state else None
+    scaler.load_state_dict(state)
+    return None
 
 
 # --------------------------------------------------------------------------------- resuming

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -24,7 +25,15 @@ def option(default, help: str, *, choices=None, required: bool = False, nargs=No
                                                 metavar=metavar))
 
 
-def _require(cfg, minimums: dict) -> None:
+def check_finite(cfg) -> None:
+    """Every number of a config must be one: NaN and infinities pass `<` and `>` checks unseen."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{_flag(f.name)} {value} is not a number: give a finite value.")
+
+
+def require(cfg, minimums: dict) -> None:
     """Each named field (if not None) must be at least its minimum: one clear message otherwise."""
     for name, low in minimums.items():
         value = getattr(cfg, name)
@@ -59,11 +68,12 @@ class VQGANConfig:
     codebook_entropy_weight: float = option(0.0, "weight of the entropy regularizer on soft code assignments (MAGVIT-v2; 0: off)")
 
     def __post_init__(self):
+        check_finite(self)
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise UserError(f"--ch-mult {' '.join(map(str, self.ch_mult))} is invalid: give one positive "
                             "multiplier per level, e.g. --ch-mult 1 2 4.")
-        _require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
+        require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
                             embed_dim=1, n_embed=1, beta=0.0, dropout=0.0, gumbel_kl_weight=0.0, codebook_dim=0,
                             codebook_ema=0.0, codebook_restart_after=0, codebook_entropy_weight=0.0))
         if not self.codebook_ema < 1.0:
@@ -111,7 +121,8 @@ class GPTConfig:
     attn_pdrop: float = option(0.0, "dropout on attention weights")
 
     def __post_init__(self):
-        _require(self, dict(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1))
+        check_finite(self)
+        require(self, dict(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1))
         if self.n_embd % self.n_head:
             raise UserError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: every head needs "
                             "an equal share of the width.")
@@ -155,9 +166,14 @@ class RunConfig:
     max_bad_steps: int = option(20, "stop (after saving) when this many steps in a row had non-finite losses or gradients; each is skipped")
 
     def __post_init__(self):
-        _require(self, dict(batch_size=1, grad_accum=1, max_bad_steps=1, epochs=1, max_steps=1, learning_rate=0.0,
+        check_finite(self)
+        require(self, dict(batch_size=1, grad_accum=1, max_bad_steps=1, epochs=1, max_steps=1, learning_rate=0.0,
                             lr_warmup_steps=0, num_workers=0, log_every=1, sample_every=1, save_every=1,
                             keep_checkpoints=0, val_batches=0))
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning-rate {self.learning_rate} must be above 0.")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise UserError(f"--beta1 {self.beta1} and --beta2 {self.beta2} must be in [0, 1) (Adam's averages).")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise UserError(f"--max-bad-fraction {self.max_bad_fraction} is out of range: use a value in [0, 1].")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -189,11 +205,24 @@ class TrainVQGANConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _require(self, dict(disc_start=0, disc_factor=0.0, disc_weight=0.0, disc_ndf=1, disc_layers=1,
+        require(self, dict(disc_start=0, disc_factor=0.0, disc_weight=0.0, disc_ndf=1, disc_layers=1,
                             rec_loss_factor=0.0, perceptual_loss_factor=0.0, codebook_weight=0.0, usage_window=1,
                             gumbel_temperature_steps=1))
         if not 0 < self.gumbel_temperature_end <= self.gumbel_temperature_start:
             raise UserError("--gumbel-temperature-end must be above 0 and at most --gumbel-temperature-start.")
+        m = self.model  # attention levels a training run asks for must exist (a loaded model may lack them)
+        sides = [m.resolution // 2 ** i for i in range(len(m.ch_mult))]
+        unused = [r for r in m.attn_resolutions if r not in sides]
+        if unused:
+            raise UserError(f"--attn-resolutions {' '.join(map(str, unused))} matches no level of this model: its "
+                            f"feature maps are {', '.join(map(str, sides))} pixels wide at --resolution "
+                            f"{m.resolution}; give some of those (or none).")
+        res = self.model.resolution  # the PatchGAN's output side is res / 2^disc_layers - 2
+        if res // 2 ** self.disc_layers - 2 < 1:
+            fits = [n for n in range(1, 8) if res // 2 ** n - 2 >= 1]
+            fix = f"use --disc-layers {max(fits)} or fewer" if fits else "train on images of at least 6 pixels"
+            raise UserError(f"--disc-layers {self.disc_layers} leaves no patch of a {res}-pixel image for the "
+                            f"PatchGAN to score (it needs at least 3 x 2^disc_layers pixels): {fix}.")
         if self.model.in_channels != self.model.out_channels:
             raise UserError(f"--in-channels {self.model.in_channels} and --out-channels {self.model.out_channels} "
                             "differ, but the reconstruction loss compares input and output: make them equal.")
@@ -227,7 +256,7 @@ class TrainTransformerConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _require(self, dict(num_samples=1, top_k=1, grad_clip=0.0, weight_decay=0.0))
+        require(self, dict(num_samples=1, top_k=1, grad_clip=0.0, weight_decay=0.0))
         if not 0.0 < self.pkeep <= 1.0 or not 0.0 <= self.class_dropout < 1.0 or self.temperature <= 0:
             raise UserError("--pkeep must be in (0, 1], --class-dropout in [0, 1) and --temperature above 0.")
 
@@ -417,9 +446,14 @@ def config_to_dict(cfg) -> dict:
 def model_config_from_dict(cls, d: dict):
     """Rebuild a model config stored in a checkpoint; unknown keys are an error, not ignored
     (fields added since the checkpoint was written take their defaults)."""
+    if not isinstance(d, dict):
+        raise UserError(f"the checkpoint's model config is a {type(d).__name__}, not a dict: the file is damaged.")
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
         raise UserError(f"the checkpoint's model config has fields this version does not know: "
                         f"{', '.join(sorted(unknown))}; was it written by a newer version?")
-    return cls(**d)
+    try:
+        return cls(**d)
+    except TypeError as e:  # a value of the wrong type fails the range checks
+        raise UserError(f"the checkpoint's model config holds a value of the wrong type ({e}): the file is damaged.") from None

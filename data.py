@@ -31,28 +31,43 @@ BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Im
 class SkipLog:
     """The run folder's skipped_files.txt: one 'path<TAB>reason' line per file that could not
     be used, each file listed once even when several data-loading workers or processes meet it
-    (the file is appended under an exclusive lock). Without a path it only remembers."""
+    (the file is appended under an exclusive lock). It only remembers until start_writing() is
+    called, once the run's checks have passed: a start that fails writes nothing."""
 
     def __init__(self, path=None):
         self.path = None if path is None else Path(path)
-        self.seen: set[str] = set()
+        self.seen: dict[str, str] = {}  # file -> reason
         self.scanned = 0  # image files found in the dataset folder (set by check_images)
+        self.writing = False
+
+    def start_writing(self) -> None:
+        """From now on entries go to the file; the ones met so far first."""
+        self.writing = self.path is not None
+        for file, reason in list(self.seen.items()):
+            self._write(file, reason)
 
     def add(self, file: str, reason: str) -> bool:
         """Record a bad file; True the first time this process sees it (warn then)."""
         if file in self.seen:
             return False
-        self.seen.add(file)
-        if self.path is not None:
-            import fcntl
+        self.seen[file] = reason
+        self._write(file, reason)
+        return True
 
+    def _write(self, file: str, reason: str) -> None:
+        if not self.writing:
+            return
+        import fcntl
+
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a+") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)
                 f.seek(0)
                 if file not in {line.split("\t", 1)[0] for line in f}:
                     f.write(f"{file}\t{reason}\n")
-        return True
+        except OSError as e:  # the list is a convenience: a full disk must not stop the data loading
+            warn(f"cannot add {file} to {self.path} ({e.strerror}).")
 
     def too_many(self, n_bad: int, max_bad_fraction: float) -> Optional[str]:
         """The error message when n_bad of the scanned files is more than max_bad_fraction."""

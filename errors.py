@@ -5,3 +5,8 @@ utils.run_cli turns it into one `error: ...` line and exit code 2 instead of a t
 
 class UserError(Exception):
     """A problem the user can fix; its message names the problem and the fix."""
+
+
+class EnvironmentFault(Exception):
+    """A fault of the machine, not of the input (the disk full, the output turned read-only):
+    one `error: ...` line saying what was saved last and how to go on, and exit code 1."""

@@ -14,6 +14,7 @@ OUT/reconstructions.png (each original next to its reconstruction).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from config import option, parse_into
+from config import check_finite, option, parse_into, require
 from data import (EpochSampler, ImageDataset, build_transform, check_images, demo_images, demo_validation, make_loader,
                   scan_images)
 from errors import UserError
 from lpips import VGGWeightsUnavailable, load_lpips
 from metrics import INCEPTION_FILE, ReconstructionFID, psnr, ssim
-from utils import autocast, log, resolve_device, resolve_precision, run_cli, warn
+from utils import autocast, log, resolve_device, resolve_precision, run_cli, warn, writable_folder
 from vqgan import VQGAN
 
 
@@ -52,6 +53,10 @@ class EvaluateConfig:
     grid_images: int = option(8, "image pairs in reconstructions.png")
     seed: int = option(0, "seed of the demo crops (0, as in training)")
     out: Optional[str] = option(None, "output folder (default: eval/ in the checkpoint's run folder)")
+
+    def __post_init__(self):
+        check_finite(self)
+        require(self, dict(num_images=0, grid_images=0, batch_size=1, num_workers=0, image_size=11))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> EvaluateConfig:
@@ -153,19 +158,14 @@ def format_table(result: dict) -> str:
 def main(args: EvaluateConfig) -> dict:
     device = resolve_device(args.device)
     amp_dtype = resolve_precision(args.precision, device)
-    for name in ("num_images", "grid_images"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 0.")
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise UserError("--batch-size must be at least 1 and --num-workers at least 0.")
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         raise UserError(f"--inception-weights {args.inception_weights} is not a file: give the path of "
                         f"{INCEPTION_FILE} (torch-fidelity's Inception weights).")
     model = VQGAN.from_checkpoint(args.checkpoint, config=args.config).to(device).eval()
     cfg = model.config
     size = args.image_size or cfg.resolution
-    if size < 1 or size % cfg.downsample_factor:
-        raise UserError(f"--image-size {size} is not a positive multiple of the model's downsampling factor "
+    if size % cfg.downsample_factor:
+        raise UserError(f"--image-size {size} is not a multiple of the model's downsampling factor "
                         f"{cfg.downsample_factor}.")
     if size < 11:
         raise UserError(f"--image-size {size} is too small for SSIM's 11x11 window: use at least 11.")
@@ -181,11 +181,7 @@ def main(args: EvaluateConfig) -> dict:
         warn("LPIPS needs RGB images; it is not computed for this model.")
         perceptual = None
     perceptual = perceptual.to(device) if perceptual is not None else None
-    out = Path(args.out) if args.out else default_out(args.checkpoint)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output folder {out} ({e.strerror}): choose a writable --out.") from None
+    out = writable_folder(args.out or default_out(args.checkpoint), "--out")  # before the work, not after
 
     log(f"data: {description}; {size}x{size} crops")
     loader = make_loader(dataset, EpochSampler(len(dataset), args.seed, shuffle=False), args.batch_size,
@@ -193,6 +189,10 @@ def main(args: EvaluateConfig) -> dict:
     result, pairs = evaluate(model, loader, device, amp_dtype, perceptual, fid, args.grid_images)
     result = {"checkpoint": str(args.checkpoint), "dataset": description, "image_size": size, **result}
     print(format_table(result), flush=True)
+    broken = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if broken:  # a failure, not a result
+        raise UserError(f"{', '.join(broken)} came out as {', '.join(str(result[k]) for k in broken)} for "
+                        f"{args.checkpoint}: the model's reconstructions are not finite; nothing was written.")
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     if pairs:
         images = torch.stack([img for pair in pairs for img in pair])

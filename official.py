@@ -1,7 +1,8 @@
 """The released taming-transformers checkpoints (Esser et al. 2021): telling them from ours, their
-YAML configs or, without a YAML, the architecture inferred from the tensor shapes, and strict
-loading that lists what does not match. (Their Lightning `.ckpt` files are read by
-checkpoint.load_checkpoint's restricted loader: nothing in them is imported or run.)
+YAML configs or, without a YAML, the architecture inferred from the tensor shapes. (Their Lightning
+`.ckpt` files are read by checkpoint.load_checkpoint's restricted loader, and their weights loaded
+by checkpoint.load_strict: nothing in them is imported or run, and nothing that does not match
+passes.)
 
 A reference checkpoint is a dict whose `state_dict` holds the VQGAN under our own names (plus
 `loss.perceptual_loss.*` and `loss.discriminator.*`), or, for a transformer, `transformer.*`,
@@ -39,9 +40,13 @@ def read_yaml(path: str) -> dict:
 
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
+            config = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"cannot read the config {path} ({e}): give the YAML file that came with the checkpoint.") from None
+    if not isinstance(config, dict):
+        raise UserError(f"the config {path} holds {'nothing' if config is None else 'a ' + type(config).__name__}, not "
+                        "a mapping of settings: give the YAML file that came with the checkpoint.")
+    return config
 
 
 def vqgan_config_from_params(params: dict, target: str = "") -> VQGANConfig:
@@ -53,13 +58,22 @@ def vqgan_config_from_params(params: dict, target: str = "") -> VQGANConfig:
                            in_channels=dd["in_channels"], out_channels=dd["out_ch"], resolution=dd["resolution"],
                            z_channels=dd["z_channels"], embed_dim=params["embed_dim"], n_embed=params["n_embed"],
                            legacy_beta=True, quantizer="gumbel" if "Gumbel" in target else "vq")
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"the config lacks the VQGAN field {e}: give the YAML of a taming-transformers VQGAN.") from None
 
 
+def section(mapping: dict, key: str, path: str) -> dict:
+    """mapping[key] as a dict (empty when absent); anything else is a UserError naming the file."""
+    value = mapping.get(key, {})
+    if not isinstance(value, dict):
+        raise UserError(f"'{key}' in {path} is a {type(value).__name__}, not a mapping: give the YAML file that came "
+                        "with the checkpoint.")
+    return value
+
+
 def vqgan_config_from_yaml(path: str) -> VQGANConfig:
-    model = read_yaml(path).get("model", {})
-    return vqgan_config_from_params(model.get("params", {}), model.get("target", ""))
+    model = section(read_yaml(path), "model", path)
+    return vqgan_config_from_params(section(model, "params", path), str(model.get("target", "")))
 
 
 def _count(state: dict, pattern: str) -> int:
@@ -91,23 +105,6 @@ def infer_vqgan_config(state: dict) -> VQGANConfig:
                         "Pass its YAML with config=... / --config.") from None
 
 
-def load_strict(module, state: dict, what: str) -> None:
-    """load_state_dict with every key checked (after the modules' own renaming hooks), but
-    missing and unexpected keys, or tensors of the wrong shape, end in one message that lists them."""
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes: "size mismatch for ..."
-        raise UserError(f"{what} does not match the architecture: {str(e).splitlines()[-1].strip()}") from None
-    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-    if missing or unexpected:
-        show = lambda keys: ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")  # noqa: E731
-        raise UserError(f"{what} does not match the architecture: "
-                        + (f"missing {show(missing)}" if missing else "")
-                        + ("; " if missing and unexpected else "")
-                        + (f"unexpected {show(unexpected)}" if unexpected else "")
-                        + ". Is the config right for this checkpoint?")
-
-
 def transformer_configs(state: dict, config: Optional[str]) -> tuple[VQGANConfig, GPTConfig, dict]:
     """(VQGAN config, GPT config, conditioning) of a reference transformer checkpoint.
     conditioning: {"sos_token": int} (unconditional) or {"n_classes": int} (class-conditional)."""
@@ -117,14 +114,14 @@ def transformer_configs(state: dict, config: Optional[str]) -> tuple[VQGANConfig
         raise UserError("the checkpoint has no `transformer.*` and `first_stage_model.*` weights: it is not a "
                         "taming-transformers transformer checkpoint.")
     if config is not None:
-        params = read_yaml(config).get("model", {}).get("params", {})
+        params = section(section(read_yaml(config), "model", config), "params", config)
         try:
             first = params["first_stage_config"]
             vq_cfg = vqgan_config_from_params(first.get("params", {}), first.get("target", ""))
             g = params["transformer_config"]["params"]
             gpt_cfg = GPTConfig(vocab_size=g["vocab_size"], block_size=g["block_size"], n_layer=g["n_layer"],
                                 n_head=g["n_head"], n_embd=g["n_embd"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{config} lacks the field {e} of a taming-transformers transformer config.") from None
         if params.get("permuter_config", {}).get("target", "Identity").split(".")[-1] != "Identity":
             raise UserError("only the identity (raster-order) permuter of the reference is supported.")

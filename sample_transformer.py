@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 from torchvision.utils import save_image
 
-from config import option, parse_into
+from config import check_finite, option, parse_into, require
 from errors import UserError
 from transformer import VQGANTransformer, check_sampling_args
-from utils import log, resolve_device, run_cli
+from utils import log, resolve_device, run_cli, writable_folder
 
 
 @dataclass
@@ -39,6 +39,13 @@ class SampleConfig:
     seed: int = option(0, "random seed")
     device: str = option("auto", "torch device; auto = cuda when available, else cpu")
     out: str = option("samples", "output folder")
+
+    def __post_init__(self):
+        check_finite(self)
+        require(self, dict(num_samples=1, batch_size=1))
+        check_sampling_args(self.temperature, self.top_k, self.top_p, error=UserError)
+        if self.grid is not None and min(self.grid) < 1:
+            raise UserError(f"--grid {' '.join(map(str, self.grid))} must be two positive sizes.")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> SampleConfig:
@@ -66,20 +73,16 @@ def main(args: SampleConfig) -> list[str]:
     device = resolve_device(args.device)
     model = VQGANTransformer.from_checkpoint(args.checkpoint, config=args.config, map_location=device).to(device)
     label = resolve_label(model, args.class_label)
-    # Check everything before writing anything.
-    check_sampling_args(args.temperature, args.top_k, args.top_p, error=UserError)
-    if args.cfg_scale != 1.0 and label is not None and not model.layout.has_null_class:
+    # Check everything the model decides before writing anything.
+    if args.cfg_scale != 1.0 and label is None:
+        raise UserError("--cfg-scale steers samples towards a class: give --class-label too, or drop --cfg-scale.")
+    if args.cfg_scale != 1.0 and not model.layout.has_null_class:
         raise UserError("--cfg-scale needs a 'no class' token, which the reference's transformers do not have: "
                         "drop --cfg-scale.")
     h, w = model.latent_shape
     if args.grid is not None and (args.grid[0] < h or args.grid[1] < w):
         raise UserError(f"--grid {args.grid[0]} {args.grid[1]} is smaller than the training grid {h} {w}.")
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise UserError("--num-samples and --batch-size must be at least 1.")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output folder {args.out} ({e.strerror}): choose a writable --out.") from None
+    writable_folder(args.out, "--out")
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images = []

@@ -25,16 +25,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, resume_path, run_rng_state, set_run_rng_state
+from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, resume_path,
+                        run_rng_state, set_run_rng_state)
 from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict, parse_train_transformer
 from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loader, training_batches
 from distributed import DistInfo, all_finite, is_main_process, setup_distributed
 from errors import UserError
-from official import load_strict
 from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
-from utils import (Hooks, MeanMeter, RunFolder, autocast, check_global_batch, describe_batch, global_batch, log, lr_at,
-                   resolve_device, resolve_precision, run_cli, run_length, save_sample_grid, scaled_lr,
-                   seed_everything, train_loop, warn)
+from utils import (Hooks, MeanMeter, RunFolder, RunLock, StopRequest, autocast, check_global_batch, describe_batch,
+                   global_batch, log, lr_at, resolve_device, resolve_precision, run_cli, run_length, save_sample_grid,
+                   scaled_lr, seed_everything, train_loop, warn)
 from vqgan import VQGAN
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -183,23 +183,32 @@ def checkpoint_dict(s: Stage2, step: int) -> dict:
 
 
 def load_resume(path: str) -> dict:
-    """The stage-2 checkpoint to resume from, loaded to the CPU before anything is written."""
+    """The stage-2 checkpoint to resume from, loaded to the CPU and checked (its kind and every
+    entry restore() and the VQGAN need) before anything is written."""
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("kind") != "transformer":
         raise UserError(f"{path} is not a stage-2 checkpoint: --resume takes one written by training_transformer.py.")
+    require_entries(ckpt, ("step", "model", "model_config", "vqgan", "vqgan_config", "classes", "optimizer", "scaler",
+                           "rng"), path, "stage-2 training checkpoint")
     return ckpt
 
 
 def restore(s: Stage2, ckpt: dict, path: str) -> int:
+    """Every state of the checkpoint into the built stage, each checked (shape of the GPT, names,
+    shapes, finite weights, optimizer state that fits) before anything is written."""
     saved = config_to_dict(model_config_from_dict(GPTConfig, ckpt["model_config"]))
     if saved != config_to_dict(s.model.gpt.config):
         raise UserError(f"{path} holds a GPT of another shape ({saved}): give the same --preset and size flags as "
                         "the original run.")
     load_strict(s.model.gpt, ckpt["model"], path)
-    s.opt.load_state_dict(ckpt["optimizer"])
-    s.scaler.load_state_dict(ckpt["scaler"])
-    set_run_rng_state(ckpt["rng"])
-    return int(ckpt["step"])
+    load_optimizer(s.opt, ckpt["optimizer"], f"{path} (optimizer)")
+    note = load_scaler(s.scaler, ckpt["scaler"])
+    if note:
+        log(f"resuming: {note}")
+    set_run_rng_state(ckpt["rng"], path)
+    if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
+        raise UserError(f"{path} records step {ckpt['step']!r}: the checkpoint is damaged.")
+    return ckpt["step"]
 
 
 def load_vqgan(cfg: TrainTransformerConfig, resumed: Optional[dict], resume: Optional[str]) -> tuple[VQGAN, str]:
@@ -215,68 +224,77 @@ def load_vqgan(cfg: TrainTransformerConfig, resumed: Optional[dict], resume: Opt
 
 
 def main(cfg: TrainTransformerConfig) -> dict:
-    device, dist_info = setup_distributed(resolve_device(cfg.device))
-    resume = resume_path(cfg.output_dir, cfg.resume)
-    resumed = load_resume(resume) if resume else None
-    vqgan, vq_path = load_vqgan(cfg, resumed, resume)
-    vqgan = vqgan.to(device)
-    if cfg.sos_token is not None:
-        warn(f"--sos-token {cfg.sos_token} is ignored: the start token has its own id after the codes and "
-             "classes, so it never collides with code ids.")
-    seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
+    with contextlib.ExitStack() as scope:
+        stop = scope.enter_context(StopRequest())  # from here on a signal ends the run cleanly
+        device, dist_info = setup_distributed(resolve_device(cfg.device))
+        RunLock(cfg.output_dir).check()  # another run writing there: refused before anything is read
+        resume = resume_path(cfg.output_dir, cfg.resume)
+        resumed = load_resume(resume) if resume else None
+        vqgan, vq_path = load_vqgan(cfg, resumed, resume)
+        vqgan = vqgan.to(device)
+        if cfg.sos_token is not None:
+            warn(f"--sos-token {cfg.sos_token} is ignored: the start token has its own id after the codes and "
+                 "classes, so it never collides with code ids.")
+        seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
 
-    mc = vqgan.config
-    # filled from the subfolders; a resumed run must find the same classes
-    classes = (list(resumed["classes"]) if resumed else []) if cfg.conditional else None
-    skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
-    train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.augment,
-                                                   cfg.val_fraction, cfg.seed, augment=cfg.augment, classes=classes,
-                                                   skip_log=skip_log, max_bad_fraction=cfg.max_bad_fraction)
-    classes = classes or []
-    check_global_batch(cfg, dist_info, len(train_ds))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **gpt_shape(mc, len(classes))),
-                              vqgan_checkpoint=vq_path)
-    model = VQGANTransformer(vqgan, cfg.model, classes).to(device)
-    steps_per_epoch, total_steps = run_length(cfg, len(train_ds), dist_info)
-    s = build_stage2(cfg, model, device, total_steps, dist_info)
-    step = restore(s, resumed, resume) if resumed else 0
-    fixed, fixed_labels = split_batch(fixed_images(train_ds, val_ds, cfg.num_samples))
-    if not cfg.augment and cfg.cache_tokens:
-        train_ds = encode_dataset(model, train_ds, cfg.batch_size, cfg.num_workers, device)
-        val_ds = encode_dataset(model, val_ds, cfg.batch_size, cfg.num_workers, device) if len(val_ds) else val_ds
-        description += f"; tokens cached ({len(train_ds)} x {mc.latent_size}x{mc.latent_size})"
-    run = RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints)
-    val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
-    fixed = fixed.to(device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        mc = vqgan.config
+        # filled from the subfolders; a resumed run must find the same classes
+        classes = (list(resumed["classes"]) if resumed else []) if cfg.conditional else None
+        skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
+        train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.augment,
+                                                       cfg.val_fraction, cfg.seed, augment=cfg.augment,
+                                                       classes=classes, skip_log=skip_log,
+                                                       max_bad_fraction=cfg.max_bad_fraction)
+        classes = classes or []
+        check_global_batch(cfg, dist_info, len(train_ds))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **gpt_shape(mc, len(classes))),
+                                  vqgan_checkpoint=vq_path)
+        model = VQGANTransformer(vqgan, cfg.model, classes).to(device)
+        steps_per_epoch, total_steps = run_length(cfg, len(train_ds), dist_info)
+        s = build_stage2(cfg, model, device, total_steps, dist_info)
+        step = restore(s, resumed, resume) if resumed else 0
+        fixed, fixed_labels = split_batch(fixed_images(train_ds, val_ds, cfg.num_samples))
+        if not cfg.augment and cfg.cache_tokens:
+            train_ds = encode_dataset(model, train_ds, cfg.batch_size, cfg.num_workers, device)
+            val_ds = encode_dataset(model, val_ds, cfg.batch_size, cfg.num_workers, device) if len(val_ds) else val_ds
+            description += f"; tokens cached ({len(train_ds)} x {mc.latent_size}x{mc.latent_size})"
+        # Every check has passed: only now is the run folder written (and locked).
+        run = scope.enter_context(RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints,
+                                            resuming=resumed is not None))
+        skip_log.start_writing()
+        val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
+        fixed = fixed.to(device)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    log(f"data: {description}")
-    log(f"model: GPT {sum(p.numel() for p in model.gpt.parameters()) / 1e6:.2f}M parameters, {cfg.model.n_layer} "
-        f"layers, width {cfg.model.n_embd}, {cfg.model.block_size} tokens, vocabulary {cfg.model.vocab_size} "
-        f"({mc.n_embed} codes" + (f", {len(classes)} classes" if classes else "") + f", start); VQGAN from "
-        f"{vq_path}; device {device}")
-    log(describe_batch(cfg, dist_info))
-    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch)" + (f"; resumed at step {step}" if step else ""))
+        log(f"data: {description}")
+        log(f"model: GPT {sum(p.numel() for p in model.gpt.parameters()) / 1e6:.2f}M parameters, {cfg.model.n_layer} "
+            f"layers, width {cfg.model.n_embd}, {cfg.model.block_size} tokens, vocabulary {cfg.model.vocab_size} "
+            f"({mc.n_embed} codes" + (f", {len(classes)} classes" if classes else "") + f", start); VQGAN from "
+            f"{vq_path}; device {device}")
+        log(describe_batch(cfg, dist_info))
+        log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch)"
+            + (f"; resumed at step {step}" if step else ""))
 
-    def evaluate(at: int) -> dict:
-        """Validation loss, and the sample grid of the fixed images."""
-        val = evaluate_loss(s, val_loader, cfg.val_batches)
-        with autocast(device, s.amp_dtype):
-            sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{at:07d}.png", generator)
-        return {} if val is None else {"val_loss": val}
+        def evaluate(at: int) -> dict:
+            """Validation loss (logged even when the grid fails), then the sample grid of the fixed images."""
+            val = evaluate_loss(s, val_loader, cfg.val_batches)
+            if val is not None:
+                run.log_metrics(at, {"val_loss": val})
+            with autocast(device, s.amp_dtype):
+                sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{at:07d}.png", generator)
+            return {}
 
-    model.train()
-    per_step = global_batch(cfg, dist_info) * cfg.model.block_size
-    hooks = Hooks(train_step=lambda micro, at: train_step(s, micro, at), checkpoint=lambda at: checkpoint_dict(s, at),
-                  evaluate=evaluate, lr=lambda at: lr_at(at, s.learning_rate, cfg.lr_warmup_steps, total_steps,
-                                                         cfg.lr_schedule),
-                  rate=("tokens_per_s", per_step), shown=("loss",), replicas=[(model.gpt, True)])
-    batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
-    step, stopped_by = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log)
-    log(f"checkpoint: {run.last}; samples (rows: inputs, reconstructions, half completions, samples): "
-        f"{run.sample_dir}")
-    run.close()
-    return {"step": step, "stopped_by": stopped_by}
+        model.train()
+        per_step = global_batch(cfg, dist_info) * cfg.model.block_size
+        hooks = Hooks(train_step=lambda micro, at: train_step(s, micro, at), checkpoint=lambda at: checkpoint_dict(s, at),
+                      evaluate=evaluate, lr=lambda at: lr_at(at, s.learning_rate, cfg.lr_warmup_steps, total_steps,
+                                                             cfg.lr_schedule),
+                      rate=("tokens_per_s", per_step), shown=("loss",), replicas=[(model.gpt, True)])
+        batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
+        step, stopped_by, failed = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log, stop)
+        log(f"checkpoint: {run.last}; samples (rows: inputs, reconstructions, half completions, samples): "
+            f"{run.sample_dir}")
+        return {"step": step, "stopped_by": stopped_by, "failed_evaluations": failed}
 
 
 def cli(argv=None) -> int:

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, resume_path, run_rng_state, set_run_rng_state
+from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, resume_path,
+                        run_rng_state, set_run_rng_state)
 from codebook import CodebookStats, CodebookUsage
 from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_from_dict, parse_train_vqgan
 from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loader, training_batches
@@ -35,9 +36,9 @@ from losses import (LossWeights, backward_fused, discriminator_logits, discrimin
                     generator_terms)
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
-from utils import (Hooks, MeanMeter, RunFolder, autocast, check_global_batch, describe_batch, global_batch, log, lr_at,
-                   resolve_device, resolve_precision, run_cli, run_length, save_sample_grid, scaled_lr,
-                   seed_everything, train_loop, warn)
+from utils import (Hooks, MeanMeter, RunFolder, RunLock, StopRequest, autocast, check_global_batch, describe_batch,
+                   global_batch, log, lr_at, resolve_device, resolve_precision, run_cli, run_length, save_sample_grid,
+                   scaled_lr, seed_everything, train_loop, warn)
 from vqgan import VQGAN
 
 
@@ -250,31 +251,49 @@ def checkpoint_dict(s: Stage1, step: int) -> dict:
             "train_config": config_to_dict(s.cfg), "rng": run_rng_state()}
 
 
+# What a resumed run must keep: the architecture (model config) and these settings of the discriminator.
+FIXED_ON_RESUME = ("disc_ndf", "disc_layers")
+
+
 def load_resume(path: str, cfg: TrainVQGANConfig) -> dict:
-    """The checkpoint to resume from, checked against the flags before anything is written.
+    """The checkpoint to resume from, checked against the flags before anything is written: its
+    kind, every entry restore() reads, the architecture and the settings that cannot change.
     Loaded to the CPU: load_state_dict copies to the device, and RNG states must stay on the CPU."""
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("kind") != "vqgan" or "discriminator" not in ckpt:
         raise UserError(f"{path} is not a stage-1 training checkpoint (kind '{ckpt.get('kind')}'): "
                         "--resume takes a checkpoint written by training_vqgan.py.")
+    require_entries(ckpt, ("step", "model", "model_config", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d",
+                           "train_config", "rng"), path, "stage-1 training checkpoint")
     saved, ours = config_to_dict(model_config_from_dict(VQGANConfig, ckpt["model_config"])), config_to_dict(cfg.model)
     if saved != ours:
         diff = {k: (v, saved.get(k)) for k, v in ours.items() if saved.get(k) != v}
         raise UserError(f"{path} was trained with a different architecture "
                         + ", ".join(f"{k}={old} (flags say {new})" for k, (new, old) in diff.items())
                         + ": give the same --preset and model flags as the original run.")
+    for name in FIXED_ON_RESUME:
+        was = ckpt["train_config"].get(name, getattr(cfg, name))
+        if was != getattr(cfg, name):
+            raise UserError(f"--{name.replace('_', '-')} cannot change on resume: the run was trained with {was}, "
+                            f"the flags say {getattr(cfg, name)}. Drop the flag, or start a new run.")
     return ckpt
 
 
-def restore(s: Stage1, ckpt: dict) -> int:
-    s.model.load_state_dict(ckpt["model"])
-    s.disc.load_state_dict(ckpt["discriminator"])
-    s.opt_g.load_state_dict(ckpt["opt_g"])
-    s.opt_d.load_state_dict(ckpt["opt_d"])
-    s.scaler_g.load_state_dict(ckpt["scaler_g"])
-    s.scaler_d.load_state_dict(ckpt["scaler_d"])
-    set_run_rng_state(ckpt["rng"])
-    return int(ckpt["step"])
+def restore(s: Stage1, ckpt: dict, path: str) -> int:
+    """Every state of the checkpoint into the built stage, each checked (names, shapes, finite
+    weights, optimizer state that fits); a UserError before anything is written otherwise."""
+    load_strict(s.model, ckpt["model"], f"{path} (model)")
+    load_strict(s.disc, ckpt["discriminator"], f"{path} (discriminator)")
+    load_optimizer(s.opt_g, ckpt["opt_g"], f"{path} (opt_g)")
+    load_optimizer(s.opt_d, ckpt["opt_d"], f"{path} (opt_d)")
+    for scaler, key in ((s.scaler_g, "scaler_g"), (s.scaler_d, "scaler_d")):
+        note = load_scaler(scaler, ckpt[key])
+        if note and key == "scaler_g":
+            log(f"resuming: {note}")
+    set_run_rng_state(ckpt["rng"], path)
+    if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
+        raise UserError(f"{path} records step {ckpt['step']!r}: the checkpoint is damaged.")
+    return ckpt["step"]
 
 
 def setup_perceptual(cfg: TrainVQGANConfig) -> tuple[TrainVQGANConfig, Optional[LPIPS]]:
@@ -310,64 +329,76 @@ def evaluate_psnr(s: Stage1, loader, max_batches: int = 0) -> Optional[float]:
 
 
 def main(cfg: TrainVQGANConfig) -> dict:
-    device, dist_info = setup_distributed(resolve_device(cfg.device))
-    resume = resume_path(cfg.output_dir, cfg.resume)
-    resumed = load_resume(resume, cfg) if resume else None
-    seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
+    with contextlib.ExitStack() as scope:
+        stop = scope.enter_context(StopRequest())  # from here on a signal ends the run cleanly
+        device, dist_info = setup_distributed(resolve_device(cfg.device))
+        RunLock(cfg.output_dir).check()  # another run writing there: refused before anything is read
+        resume = resume_path(cfg.output_dir, cfg.resume)
+        resumed = load_resume(resume, cfg) if resume else None
+        seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
 
-    mc = cfg.model
-    skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
-    train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.flip,
-                                                   cfg.val_fraction, cfg.seed, skip_log=skip_log,
-                                                   max_bad_fraction=cfg.max_bad_fraction, color=cfg.color_augment)
-    check_global_batch(cfg, dist_info, len(train_ds))
-    cfg, perceptual = setup_perceptual(cfg)
-    steps_per_epoch, total_steps = run_length(cfg, len(train_ds), dist_info)
-    run = RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints)
-    s = build_stage1(cfg, device, perceptual, total_steps, dist_info)
-    step = restore(s, resumed) if resumed else 0
-    val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
-    fixed = fixed_images(train_ds, val_ds, 8).to(device)
+        mc = cfg.model
+        skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
+        train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.flip,
+                                                       cfg.val_fraction, cfg.seed, skip_log=skip_log,
+                                                       max_bad_fraction=cfg.max_bad_fraction, color=cfg.color_augment)
+        check_global_batch(cfg, dist_info, len(train_ds))
+        cfg, perceptual = setup_perceptual(cfg)
+        steps_per_epoch, total_steps = run_length(cfg, len(train_ds), dist_info)
+        s = build_stage1(cfg, device, perceptual, total_steps, dist_info)
+        step = restore(s, resumed, resume) if resumed else 0
+        # Every check has passed: only now is the run folder written (and locked).
+        run = scope.enter_context(RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints,
+                                            resuming=resumed is not None))
+        skip_log.start_writing()
+        val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
+        fixed = fixed_images(train_ds, val_ds, 8).to(device)
 
-    log(f"data: {description}")
-    log(f"model: {sum(p.numel() for p in s.model.parameters()) / 1e6:.2f}M parameters, {mc.latent_size}x"
-        f"{mc.latent_size} tokens from {mc.resolution}x{mc.resolution} images, {mc.n_embed} codes; device {device}, "
-        f"precision {str(s.amp_dtype).replace('torch.', '') if s.amp_dtype else 'fp32'}; run folder {cfg.output_dir}")
-    log(describe_batch(cfg, dist_info))
-    log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch); discriminator from step "
-        f"{cfg.disc_start}" + (f"; resumed at step {step}" if step else ""))
-    # Validation and sample grids on rank 0 only; the others wait at the barrier.
-    psnr_before = evaluate_psnr(s, val_loader, cfg.val_batches) if is_main_process() else None
-    psnr_after = [psnr_before]  # the newest validation PSNR, set by evaluate()
-    if psnr_before is not None:
-        log(f"validation PSNR {'before training' if step == 0 else f'at step {step}'}: {psnr_before:.2f} dB")
-    barrier()
+        log(f"data: {description}")
+        log(f"model: {sum(p.numel() for p in s.model.parameters()) / 1e6:.2f}M parameters, {mc.latent_size}x"
+            f"{mc.latent_size} tokens from {mc.resolution}x{mc.resolution} images, {mc.n_embed} codes; device "
+            f"{device}, precision {str(s.amp_dtype).replace('torch.', '') if s.amp_dtype else 'fp32'}; run folder "
+            f"{cfg.output_dir}")
+        log(describe_batch(cfg, dist_info))
+        log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch); discriminator from step "
+            f"{cfg.disc_start}" + (f"; resumed at step {step}" if step else ""))
+        # Validation and sample grids on rank 0 only; the others wait at the barrier.
+        psnr_before = evaluate_psnr(s, val_loader, cfg.val_batches) if is_main_process() else None
+        psnr_after = [psnr_before]  # the newest validation PSNR, set by evaluate()
+        when = "before training" if step == 0 else f"at step {step}"
+        if psnr_before is not None and math.isfinite(psnr_before):
+            log(f"validation PSNR {when}: {psnr_before:.2f} dB")
+        elif psnr_before is not None:
+            warn(f"validation PSNR {when} is {psnr_before}: not a number (are the weights finite?).")
+        barrier()
 
-    def evaluate(at: int) -> dict:
-        """Inputs above reconstructions of the fixed validation images, and the validation PSNR."""
-        with torch.no_grad(), autocast(device, s.amp_dtype):
-            s.model.eval()
-            rec = s.model(fixed).x_rec
-            s.model.train()
-        save_sample_grid([fixed, rec], run.sample_dir / f"step_{at:07d}.png")
-        psnr_after[0] = evaluate_psnr(s, val_loader, cfg.val_batches)
-        return {} if psnr_after[0] is None else {"val_psnr": psnr_after[0]}
+        def evaluate(at: int) -> dict:
+            """Inputs above reconstructions of the fixed validation images, and the validation PSNR."""
+            psnr_after[0] = None
+            with torch.no_grad(), autocast(device, s.amp_dtype):
+                s.model.eval()
+                rec = s.model(fixed).x_rec
+                s.model.train()
+            save_sample_grid([fixed, rec], run.sample_dir / f"step_{at:07d}.png")
+            psnr_after[0] = evaluate_psnr(s, val_loader, cfg.val_batches)
+            return {} if psnr_after[0] is None else {"val_psnr": psnr_after[0]}
 
-    s.model.train()
-    s.disc.train()
-    hooks = Hooks(train_step=lambda micro, at: train_step(s, [x.to(device, non_blocking=True) for x in micro], at),
-                  checkpoint=lambda at: checkpoint_dict(s, at), evaluate=evaluate,
-                  lr=lambda at: lr_at(at, s.learning_rate, cfg.lr_warmup_steps, total_steps, cfg.lr_schedule),
-                  rate=("images_per_s", global_batch(cfg, dist_info)),
-                  shown=("rec_loss", "p_loss", "q_loss", "d_weight", "usage", "usage_window"),
-                  replicas=[(s.model, True), (s.disc, False)])  # BatchNorm statistics are per process
-    batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
-    step, stopped_by = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log)
-    if psnr_after[0] is not None and stopped_by is None:  # measured at the last step
-        log(f"validation PSNR after {step} steps: {psnr_after[0]:.2f} dB (before: {psnr_before:.2f} dB)")
-    log(f"checkpoint: {run.last}; samples: {run.sample_dir}")
-    run.close()
-    return {"step": step, "psnr_before": psnr_before, "psnr_after": psnr_after[0], "stopped_by": stopped_by}
+        s.model.train()
+        s.disc.train()
+        hooks = Hooks(train_step=lambda micro, at: train_step(s, [x.to(device, non_blocking=True) for x in micro], at),
+                      checkpoint=lambda at: checkpoint_dict(s, at), evaluate=evaluate,
+                      lr=lambda at: lr_at(at, s.learning_rate, cfg.lr_warmup_steps, total_steps, cfg.lr_schedule),
+                      rate=("images_per_s", global_batch(cfg, dist_info)),
+                      shown=("rec_loss", "p_loss", "q_loss", "d_weight", "usage", "usage_window"),
+                      replicas=[(s.model, True), (s.disc, False)])  # BatchNorm statistics are per process
+        batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
+        step, stopped_by, failed = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log, stop)
+        measured = psnr_after[0] is not None and math.isfinite(psnr_after[0])
+        if measured and stopped_by is None and step == total_steps:  # measured at the last step
+            log(f"validation PSNR after {step} steps: {psnr_after[0]:.2f} dB (before: {psnr_before:.2f} dB)")
+        log(f"checkpoint: {run.last}; samples: {run.sample_dir}")
+        return {"step": step, "psnr_before": psnr_before, "psnr_after": psnr_after[0] if measured else None,
+                "stopped_by": stopped_by, "failed_evaluations": failed}
 
 
 def cli(argv=None) -> int:

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, load_strict, require_entries
 from config import GPTConfig, VQGANConfig, model_config_from_dict
 from errors import UserError
 from mingpt import GPT
-from official import checkpoint_kind, load_strict, sub_state, transformer_configs
+from official import checkpoint_kind, sub_state, transformer_configs
 from vqgan import VQGAN
 
 
@@ -283,7 +283,14 @@ class VQGANTransformer(nn.Module):
         if kind != "transformer":
             raise UserError(f"{path} is not a stage-2 (transformer) checkpoint (kind '{kind}'): "
                             "give a checkpoint written by training_transformer.py.")
-        model = cls(vqgan_from_stage2(ckpt, str(path)), model_config_from_dict(GPTConfig, ckpt["model_config"]),
-                    ckpt["classes"])
+        require_entries(ckpt, ("model", "model_config", "vqgan", "vqgan_config", "classes"), path, "stage-2 checkpoint")
+        gpt_config = model_config_from_dict(GPTConfig, ckpt["model_config"])
+        vqgan = vqgan_from_stage2(ckpt, str(path))
+        classes = [str(c) for c in ckpt["classes"]]
+        if gpt_config.vocab_size != TokenLayout(vqgan.config.n_embed, len(classes)).vocab_size:
+            raise UserError(f"{path} is inconsistent: its GPT has {gpt_config.vocab_size} token ids, but its VQGAN's "
+                            f"{vqgan.config.n_embed} codes and {len(classes)} classes need "
+                            f"{TokenLayout(vqgan.config.n_embed, len(classes)).vocab_size}: the file is damaged.")
+        model = cls(vqgan, gpt_config, classes)
         load_strict(model.gpt, ckpt["model"], str(path))
         return model.eval()

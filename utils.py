@@ -12,6 +12,7 @@ import os
 import random
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import last_checkpoint, save_checkpoint
+from checkpoint import last_checkpoint, resume_path, save_checkpoint
 from distributed import (DistInfo, all_reduce_max, barrier, cleanup_distributed, is_distributed, is_main_process,
                          replicas_identical)
-from errors import UserError
+from errors import EnvironmentFault, UserError
 
 
 # --------------------------------------------------------------------------- printing, CLI
@@ -41,31 +42,50 @@ def warn(msg: str) -> None:
 
 
 def run_cli(main: Callable, parse: Callable, argv: Optional[Sequence[str]] = None) -> int:
-    """Parse flags (argv, default sys.argv[1:]) and run; the exit code: 0, or 2 after a UserError,
-    printed as one paragraph on stderr. argparse's own errors exit 2 through SystemExit."""
+    """Parse flags (argv, default sys.argv[1:]) and run; the exit code: 0; 2 after a UserError
+    (also argparse's own errors); 1 after an EnvironmentFault (disk full, read-only output); 130
+    after Ctrl-C outside the training loop. Each is one `error: ...` paragraph on stderr, naming
+    the rank under torchrun, never a traceback."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
     try:
         main(parse(None if argv is None else list(argv)))
         return 0
     except UserError as e:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr, flush=True)
         return 2
+    except EnvironmentFault as e:
+        print(f"error{where}: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted{where} (Ctrl-C) before the work was done.", file=sys.stderr, flush=True)
+        return 130
     finally:
         cleanup_distributed()
 
 
 # ------------------------------------------------------------------ device, precision, batch
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch device this machine has: auto, cpu, cuda or cuda:N (N below the number
+    of GPUs), or mps where PyTorch sees Apple's GPU; anything else is a UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name} is not a torch device: use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but PyTorch sees no CUDA device: use --device cpu, "
-                        "or install a CUDA build of PyTorch.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for but PyTorch sees no CUDA device: use --device cpu, "
+                            "or install a CUDA build of PyTorch.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    elif device.type == "mps":
+        if not (torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: PyTorch sees no Apple GPU (MPS) here: use --device cpu or cuda.")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name} is not a device this project computes on: use cpu, cuda, cuda:N or mps.")
     return device
 
 
@@ -97,6 +117,29 @@ def global_batch(cfg, dist_info: DistInfo) -> int:
 def scaled_lr(cfg, dist_info: DistInfo) -> float:
     """--learning-rate, times the global batch with --scale-lr (the reference's rule)."""
     return cfg.learning_rate * global_batch(cfg, dist_info) if cfg.scale_lr else cfg.learning_rate
+
+
+def writable_folder(path, flag: str) -> Path:
+    """Create the folder `path` if needed and prove a file can be written in it (then removed),
+    before any work whose results would go there: a UserError naming `flag` otherwise."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror or e}): choose a writable {flag}.") from None
+    return folder
+
+
+def writable_file(path, flag: str) -> Path:
+    """The same for a file to be written later: its folder must take files, and it must not be a folder."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{flag} {file} is a folder: give a file name.")
+    writable_folder(file.parent if str(file.parent) else ".", flag)
+    return file
 
 
 def check_global_batch(cfg, dist_info: DistInfo, n_train: int) -> None:
@@ -161,21 +204,82 @@ class MeanMeter:
         return out
 
 
+class RunLock:
+    """OUTPUT_DIR/.lock while a run writes there: the process id and host of the writer. A second
+    run into the same folder is refused; the lock of a process that died is taken over, with a
+    message. Only rank 0 locks (and writes)."""
+
+    def __init__(self, root):
+        self.path, self.owned = Path(root) / ".lock", False
+
+    def holder(self) -> Optional[str]:
+        """'process P on HOST' when another live process holds the lock, else None (none, or stale)."""
+        try:
+            pid, host = self.path.read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            return None if not self.path.exists() else f"an unknown process (unreadable {self.path})"
+        if host != socket.gethostname():
+            return f"process {pid} on {host}"  # another machine: cannot tell whether it still runs
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # that process is gone
+        except PermissionError:
+            pass  # alive, another user's
+        return None if pid == os.getpid() else f"process {pid} on {host}"
+
+    def check(self) -> None:
+        """Refuse to start (before anything is written) when another run writes to the folder."""
+        if is_main_process() and (holder := self.holder()):
+            raise UserError(f"another run ({holder}) is writing to {self.path.parent}: wait for it to finish, or "
+                            f"use another --output-dir. If that run is gone, delete {self.path}.")
+
+    def acquire(self) -> None:
+        if not is_main_process():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.check()  # a live holder: refused
+                warn(f"taking over {self.path}: the run that held it is no longer running.")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.owned = True
+            return
+        self.check()
+
+    def release(self) -> None:
+        if self.owned:
+            self.path.unlink(missing_ok=True)
+            self.owned = False
+
+
 class RunFolder:
     """config.json, checkpoints/last.pt + numbered snapshots, samples/, metrics.jsonl and
-    optional TensorBoard events. Only rank 0 writes."""
+    optional TensorBoard events, written by rank 0 under the folder's RunLock. A context manager:
+    leaving it closes the event file and releases the lock."""
 
-    def __init__(self, root: str, config: dict, tensorboard: bool = False, keep: int = 3):
+    def __init__(self, root: str, config: dict, tensorboard: bool = False, keep: int = 3, resuming: bool = False):
         self.root, self.keep = Path(root), keep
         self.ckpt_dir, self.sample_dir = self.root / "checkpoints", self.root / "samples"
-        self.tb = None
+        self.tb, self.lock, self.saved_step, self._log_failed = None, RunLock(root), None, False
         if not is_main_process():
             return
         try:
+            self.lock.acquire()
+            if not resuming and self.last.exists():  # another run finished here since this one's start-up checks
+                self.lock.release()
+                resume_path(self.root, None)  # its UserError
             for d in (self.ckpt_dir, self.sample_dir):
                 d.mkdir(parents=True, exist_ok=True)
             (self.root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         except OSError as e:
+            self.lock.release()
             raise UserError(f"cannot write to the output folder {self.root} ({e.strerror}): "
                             "choose a writable --output-dir.") from None
         if tensorboard:
@@ -185,15 +289,28 @@ class RunFolder:
             except ImportError:
                 warn("--tensorboard needs the tensorboard package (pip install tensorboard); logging to metrics.jsonl only.")
 
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def last(self) -> Path:
         return last_checkpoint(self.root)
 
     def log_metrics(self, step: int, metrics: dict) -> None:
+        """Append a metrics line. A failed write (disk full, read-only) costs no training: it is
+        warned about once, and the next checkpoint save tells whether the disk is really gone."""
         if not is_main_process():
             return
-        with open(self.root / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with open(self.root / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as e:
+            if not self._log_failed:
+                warn(f"cannot append to {self.root / 'metrics.jsonl'} ({e.strerror}); training goes on.")
+            self._log_failed = True
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -201,24 +318,36 @@ class RunFolder:
 
     def save(self, checkpoint: dict, step: int) -> None:
         """Write last.pt atomically and keep it as snapshot step_XXXXXXX.pt (a hard link, so no
-        second write); only the newest `keep` snapshots stay."""
+        second write); only the newest `keep` snapshots stay. A write that fails (disk full,
+        read-only) ends the run with an EnvironmentFault naming the last checkpoint that was saved."""
         if not is_main_process():
             return
-        save_checkpoint(checkpoint, self.last)
-        snap = self.ckpt_dir / f"step_{step:07d}.pt"
-        if self.keep > 0:
-            if snap.exists():
-                snap.unlink()
-            try:
-                os.link(self.last, snap)
-            except OSError:
-                save_checkpoint(checkpoint, snap)
-        for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.keep or None]:
-            old.unlink()
+        try:
+            save_checkpoint(checkpoint, self.last)
+            snap = self.ckpt_dir / f"step_{step:07d}.pt"
+            if self.keep > 0:
+                if snap.exists():
+                    snap.unlink()
+                try:
+                    os.link(self.last, snap)
+                except OSError:
+                    save_checkpoint(checkpoint, snap)
+            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.keep or None]:
+                old.unlink()
+        except OSError as e:
+            before = (f"the last checkpoint saved is step {self.saved_step}, {self.last}" if self.saved_step is not None
+                      else ("the checkpoint this run resumed from, " + str(self.last)) if self.last.exists()
+                      else "no checkpoint of this run was saved yet")
+            raise EnvironmentFault(f"could not write the checkpoint of step {step} to {self.ckpt_dir} "
+                                   f"({e.strerror or e}); {before}. Free space or make the folder writable, then "
+                                   "continue with --resume latest.") from None
+        self.saved_step = step
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        self.lock.release()
 
 
 @torch.no_grad()
@@ -232,15 +361,23 @@ def save_sample_grid(rows: Sequence[torch.Tensor], path) -> None:
 
 # ---------------------------------------------------------------------------- stopping
 class StopRequest:
-    """SIGINT and SIGTERM ask the training loop to finish its current step, save and exit 0
-    instead of dying mid-step; a second SIGINT stops at once. Under torchrun every process
-    stops at the same step (the request is all-reduced once per step)."""
+    """SIGINT and SIGTERM ask the run to stop at the end of the current step (or, before training
+    begins, before it), save and exit 0 instead of dying mid-step; a second SIGINT stops at once.
+    Installed at the start of a script's main, so a signal during start-up or the first
+    validation is handled too. Under torchrun every process stops at the same step (the request
+    is all-reduced once per step). A context manager: leaving it restores the previous handlers."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.signal, self._previous, self._pid = device, None, {}, os.getpid()
+    def __init__(self):
+        self.signal, self._previous, self._pid = None, {}, os.getpid()
+
+    def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # handlers can only go there
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a data-loading worker forked with the handler: the main process decides
@@ -250,13 +387,16 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
         if is_main_process():  # os.write: print() inside a signal handler can fail if it interrupted a print
-            os.write(sys.stdout.fileno(), (f"\n{self.signal} received: finishing the current step, then saving a "
-                                           "checkpoint" + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT
-                                                           else "") + "\n").encode())
+            message = (f"\n{self.signal} received: stopping after the current step, with a checkpoint"
+                       + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT else "") + "\n")
+            try:
+                os.write(sys.stdout.fileno(), message.encode())
+            except (OSError, ValueError, AttributeError):  # stdout is no file (captured): say nothing here
+                pass
 
-    def requested(self) -> bool:
+    def requested(self, device: torch.device) -> bool:
         """Whether a signal came, on this process or any other."""
-        return all_reduce_max(float(self.signal is not None), self.device) > 0
+        return all_reduce_max(float(self.signal is not None), device) > 0
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -267,18 +407,12 @@ class StopRequest:
 class TrainingGuard:
     """What both training loops check after every step: runs of skipped non-finite steps
     (--max-bad-steps), the share of image files that failed to decode (--max-bad-fraction,
-    from the run's skip log) and SIGINT/SIGTERM (StopRequest). Each stop saves a checkpoint
-    first. A context manager: the signal handlers are restored on leaving it."""
+    from the run's skip log) and SIGINT/SIGTERM (the script's StopRequest). Each stop saves a
+    checkpoint first."""
 
-    def __init__(self, cfg, run: "RunFolder", device: torch.device, skip_log):
+    def __init__(self, cfg, run: "RunFolder", device: torch.device, skip_log, stop: StopRequest):
         self.cfg, self.run, self.device, self.skip_log = cfg, run, device, skip_log
-        self.stop, self.bad_run = StopRequest(device), 0
-
-    def __enter__(self) -> "TrainingGuard":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.restore()
+        self.stop, self.bad_run = stop, 0
 
     @property
     def signal(self) -> Optional[str]:
@@ -304,7 +438,7 @@ class TrainingGuard:
     def save_or_stop(self, step: int, due: bool, checkpoint: Callable[[], dict]) -> bool:
         """Save when due or when a stop signal came (on any process); True to stop, after
         saying how to resume."""
-        stop = self.stop.requested()
+        stop = self.stop.requested(self.device)
         if due or stop:
             self.run.save(checkpoint(), step)
         if not stop:
@@ -337,17 +471,40 @@ class Hooks:
     replicas: Sequence[tuple[torch.nn.Module, bool]] = field(default_factory=list)  # (module, compare buffers)
 
 
+def evaluate_guarded(hooks: Hooks, run: RunFolder, step: int) -> bool:
+    """hooks.evaluate, whose failure (a sample grid that cannot be drawn or written, a validation
+    that breaks) is reported and costs no training: the checkpoint of the step is saved before.
+    Metrics that are not numbers are reported, not logged. True when it worked."""
+    try:
+        metrics = hooks.evaluate(step)
+    except Exception as e:  # noqa: BLE001 - whatever it was, the trained steps are safe
+        warn(f"evaluation at step {step} failed and was skipped ({type(e).__name__}: {e}); training goes on.")
+        return False
+    broken = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if broken:
+        warn(f"evaluation at step {step} gave {', '.join(f'{k}={v}' for k, v in broken.items())}: not a number, "
+             "not logged (are the weights still finite?).")
+    if metrics.keys() - broken.keys():
+        run.log_metrics(step, {k: v for k, v in metrics.items() if k not in broken})
+    return not broken
+
+
 def train_loop(cfg, run: RunFolder, hooks: Hooks, batches: Iterable, step: int, total_steps: int,
-               device: torch.device, skip_log) -> tuple[int, Optional[str]]:
+               device: torch.device, skip_log, stop: StopRequest) -> tuple[int, Optional[str], int]:
     """Optimizer steps from `step` to `total_steps` over `batches` ((epoch, micro-batches) per
-    step): metrics every --log-every steps, evaluation every --sample-every, a checkpoint every
-    --save-every and at the end, and the guard's stops (signals, runs of non-finite steps, bad
-    files). Then, under torchrun, the check that every process ends with the same weights.
-    Returns the last step and the signal that stopped the run, if one did."""
+    step): metrics every --log-every steps, a checkpoint every --save-every and at the end, then
+    evaluation every --sample-every (guarded: its failure costs no trained step), and the
+    guard's stops (signals, runs of non-finite steps, bad files). Then, under torchrun, the check
+    that every process ends with the same weights. Returns the last step, the signal that
+    stopped the run if one did, and the number of evaluations that failed."""
     main = is_main_process()
+    if stop.requested(device):  # a signal during start-up: nothing trained, nothing to save
+        log(f"stopped by {stop.signal or 'a signal on another process'} before training began (step {step}); "
+            "nothing new was trained or saved.")
+        return step, stop.signal or "signal", 0
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not main)
-    meter, guard = MeanMeter(), TrainingGuard(cfg, run, device, skip_log)
-    with guard:  # the signal handlers are restored however the loop ends
+    meter, guard, failed = MeanMeter(), TrainingGuard(cfg, run, device, skip_log, stop), 0
+    try:
         for epoch, micro in batches:
             logs = hooks.train_step(micro, step)
             meter.add(logs)
@@ -361,17 +518,19 @@ def train_loop(cfg, run: RunFolder, hooks: Hooks, batches: Iterable, step: int, 
                 metrics.update(epoch=epoch, lr=hooks.lr(step - 1), **{name: per_step / metrics["step_time"]})
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in hooks.shown if k in metrics})
                 run.log_metrics(step, metrics)
-            if step % cfg.sample_every == 0 or last:
+            stopping = guard.save_or_stop(step, step % cfg.save_every == 0 or last, lambda: hooks.checkpoint(step))
+            if (step % cfg.sample_every == 0 or last) and not stopping:
                 if main:  # the other processes wait at the barrier
-                    metrics = hooks.evaluate(step)
-                    if metrics:
-                        run.log_metrics(step, metrics)
+                    failed += not evaluate_guarded(hooks, run, step)
                 barrier()
-            if guard.save_or_stop(step, step % cfg.save_every == 0 or last, lambda: hooks.checkpoint(step)):
+            if stopping:
                 break
-    bar.close()
+    finally:
+        bar.close()  # however the loop ends, what is printed next starts on a line of its own
     if is_distributed() and hooks.replicas:
         same = all(replicas_identical(module, buffers=buffers) for module, buffers in hooks.replicas)
         world = torch.distributed.get_world_size()
         (log if same else warn)(f"weights {'identical' if same else 'DIFFER'} on all {world} processes")
-    return step, guard.signal
+    if failed:
+        warn(f"{failed} evaluation(s) failed (see above); the checkpoints are complete.")
+    return step, guard.signal, failed

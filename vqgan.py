@@ -19,13 +19,13 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_strict, save_checkpoint
 from codebook import GumbelQuantizer, Quantized, VectorQuantizer
 from config import VQGANConfig, add_fields, config_to_dict, given_values, model_config_from_dict, option
 from decoder import Decoder
 from encoder import Encoder
 from errors import UserError
-from official import checkpoint_kind, infer_vqgan_config, load_strict, vqgan_config_from_yaml
+from official import checkpoint_kind, infer_vqgan_config, vqgan_config_from_yaml
 from utils import log, run_cli
 
 

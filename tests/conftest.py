@@ -104,7 +104,7 @@ def assert_user_error(result: Result, expected: str) -> None:
     """Exit code 2, one `error:` line naming the problem, no traceback."""
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and expected in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    errors = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("error")]
     assert len(errors) == 1, result.stderr[-2000:]
 
 

@@ -60,7 +60,8 @@ def test_precedence_defaults_preset_demo_flags():
     assert demo.preset == "tiny" and demo.model.ch == PRESETS["tiny"].model["ch"]
     assert demo.max_steps == DEMO_VQGAN["max_steps"]
     assert demo.batch_size == PRESETS["tiny"].run["batch_size"]
-    override = parse_train_vqgan(["--preset", "tiny", "--dataset-path", "d", "--ch", "64", "--ch-mult", "1", "2"])
+    override = parse_train_vqgan(["--preset", "tiny", "--dataset-path", "d", "--ch", "64", "--ch-mult", "1", "2",
+                                  "--attn-resolutions", "32"])
     assert override.model.ch == 64 and override.model.ch_mult == (1, 2) and override.max_steps is None
     assert parse_train_vqgan(["--dataset-path", "d", "--preset", "f16-16384"]).model.n_embed == 16384
     assert parse_train_vqgan(["--dataset-path", "d", "--attn-resolutions"]).model.attn_resolutions == ()
