@@ -28,9 +28,10 @@ from typing import Callable, Optional
 
 import torch
 
-from config import (GPT_PRESETS, PRESETS, GPTConfig, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig, add_fields,
-                    check_finite, given_values, make_config, option, require)
+from config import (GPT_PRESETS, PRESETS, GPTConfig, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig,
+                    check_finite, make_config, require)
 from errors import UserError
+from flags import add_fields, given_values, option
 from losses import LossWeights, reference_step
 from lpips import LPIPS
 from utils import autocast, log, resolve_device, resolve_precision, run_cli, writable_file

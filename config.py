@@ -1,6 +1,5 @@
-"""Configuration: dataclasses for the models and the training runs, named presets, and the one
-bridge from argparse to dataclasses (a flag per field, generated from the fields, one help line
-each) that every script uses to build its flags.
+"""Configuration: dataclasses for the models and the training runs, named presets, the demo's
+settings, and how a run's config is put together from them (the flags themselves: flags.py).
 
 Stdlib only. Precedence when building a run's config: dataclass defaults < preset < the demo's
 settings (only when no dataset is given) < flags given on the command line.
@@ -11,18 +10,11 @@ import argparse
 import dataclasses
 import json
 import math
-import typing
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from errors import UserError
-
-
-def option(default, help: str, *, choices=None, required: bool = False, nargs=None, metavar=None):
-    """A dataclass field that is also a command-line flag: its default, its one help line, and
-    argparse details (choices, required, nargs, metavar). Every script declares its options so."""
-    return field(default=default, metadata=dict(help=help, choices=choices, required=required, nargs=nargs,
-                                                metavar=metavar))
+from flags import add_fields, flag_name, given_values, option
 
 
 def check_finite(cfg) -> None:
@@ -30,7 +22,7 @@ def check_finite(cfg) -> None:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{_flag(f.name)} {value} is not a number: give a finite value.")
+            raise UserError(f"{flag_name(f.name)} {value} is not a number: give a finite value.")
 
 
 def require(cfg, minimums: dict) -> None:
@@ -38,7 +30,7 @@ def require(cfg, minimums: dict) -> None:
     for name, low in minimums.items():
         value = getattr(cfg, name)
         if value is not None and value < low:
-            raise UserError(f"{_flag(name)} {value} is out of range: it must be at least {low}.")
+            raise UserError(f"{flag_name(name)} {value} is out of range: it must be at least {low}.")
 
 
 @dataclass
@@ -95,7 +87,7 @@ class VQGANConfig:
 
     def codebook_options(self) -> list[str]:
         """The codebook technique flags that are switched on."""
-        return [_flag(f.name) for f in fields(self) if f.name.startswith("codebook_") and getattr(self, f.name)]
+        return [flag_name(f.name) for f in fields(self) if f.name.startswith("codebook_") and getattr(self, f.name)]
 
     @property
     def downsample_factor(self) -> int:
@@ -128,7 +120,7 @@ class GPTConfig:
                             "an equal share of the width.")
         for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"{_flag(name)} must be in [0, 1).")
+                raise UserError(f"{flag_name(name)} must be in [0, 1).")
 
 
 @dataclass
@@ -312,90 +304,6 @@ DEMO_VQGAN: dict = dict(preset="tiny", max_steps=1000, lr_schedule="cosine", dis
 # `python training_transformer.py` with no arguments: continue the stage-1 demo.
 DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=1500, lr_warmup_steps=100, log_every=50,
                               sample_every=500, save_every=500, top_k=100)
-
-# Other names for fields (the original flat implementation's flags); one may set several fields.
-# A field's own flag wins over an alias.
-ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
-    "--image-size": (("resolution",), "the same as --resolution"),
-    "--num-codebook-vectors": (("n_embed",), "the same as --n-embed"),
-    "--latent-dim": (("z_channels", "embed_dim"), "sets both --z-channels and --embed-dim"),
-    "--image-channels": (("in_channels", "out_channels"), "sets both --in-channels and --out-channels"),
-    "--checkpoint-path": (("vqgan_checkpoint",), "the same as --vqgan-checkpoint"),
-}
-
-
-# ---------------------------------------------------------------------------- argparse bridge
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _value_type(tp):
-    """X of Optional[X]; other types as they are."""
-    return next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_origin(tp) is typing.Union else tp
-
-
-def _help(cls, name: str) -> dict:
-    """A field's metadata, from the nearest class in the hierarchy that declares its help (a
-    subclass may change only the default)."""
-    for klass in cls.__mro__:
-        f = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if f is not None and f.metadata.get("help"):
-            return f.metadata
-    return {}
-
-
-def add_fields(parser, cls, title: Optional[str] = None, skip=()) -> None:
-    """One flag per field of the dataclass `cls` (not nested configs, derived or skipped fields),
-    the class's own fields first, each with its help line and default; plus the ALIASES whose
-    fields are all here. Flags given are collected under their field names (SUPPRESS: a flag not
-    given is absent, so presets and demo settings can fill it)."""
-    group = parser.add_argument_group(title) if title else parser
-    hints = typing.get_type_hints(cls)
-    own = {name for name in getattr(cls, "__annotations__", {}) if cls.__dataclass_fields__[name].metadata.get("help")}
-    names = set()
-    for f in sorted(fields(cls), key=lambda f: f.name not in own):
-        meta = _help(cls, f.name) or f.metadata
-        if dataclasses.is_dataclass(hints[f.name]) or f.metadata.get("derived") or f.name in skip:
-            continue
-        names.add(f.name)
-        tp = _value_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        help = meta.get("help", "").replace("%", "%%")
-        kw = dict(dest=f.name, default=argparse.SUPPRESS,
-                  help=help if meta.get("required") else f"{help} (default: {shown})")
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is tuple:
-            kw.update(nargs=meta.get("nargs") or "*", type=typing.get_args(tp)[0], metavar=meta.get("metavar") or "N")
-        else:
-            kw["type"] = tp
-        for key in ("choices", "required", "metavar"):
-            if meta.get(key) and key not in kw:
-                kw[key] = meta[key]
-        group.add_argument(_flag(f.name), **kw)
-    for flag, (targets, help) in ALIASES.items():
-        if set(targets) <= names:
-            group.add_argument(flag, dest="alias:" + flag, default=argparse.SUPPRESS, help=help,
-                               type=_value_type(hints[targets[0]]), metavar=targets[0].upper())
-
-
-def given_values(namespace: argparse.Namespace) -> dict:
-    """The flags given, as field name -> value, aliases expanded (a field's own flag wins)."""
-    given = {k: v for k, v in vars(namespace).items() if not k.startswith("alias:")}
-    for key, value in vars(namespace).items():
-        if key.startswith("alias:"):
-            for target in ALIASES[key[len("alias:"):]][0]:
-                given.setdefault(target, value)
-    return given
-
-
-def parse_into(cls, argv: Optional[list[str]], description: str):
-    """A script's flags (one per field of `cls`) parsed into an instance of `cls`."""
-    parser = argparse.ArgumentParser(description=description)
-    add_fields(parser, cls)
-    return cls(**given_values(parser.parse_args(argv)))
-
 
 def make_config(train_cls, model_cls, given: dict, presets: dict[str, Preset], demo: Optional[dict] = None):
     """A training config from explicitly given values (field name -> value), applying the preset

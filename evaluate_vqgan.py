@@ -25,10 +25,11 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from config import check_finite, option, parse_into, require
+from config import check_finite, require
 from data import (EpochSampler, ImageDataset, build_transform, check_images, demo_images, demo_validation, make_loader,
                   scan_images)
 from errors import UserError
+from flags import option, parse_into
 from lpips import VGGWeightsUnavailable, load_lpips
 from metrics import INCEPTION_FILE, ReconstructionFID, psnr, ssim
 from utils import autocast, log, resolve_device, resolve_precision, run_cli, warn, writable_folder

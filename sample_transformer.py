@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 from torchvision.utils import save_image
 
-from config import check_finite, option, parse_into, require
+from config import check_finite, require
 from errors import UserError
+from flags import option, parse_into
 from transformer import VQGANTransformer, check_sampling_args
 from utils import log, resolve_device, run_cli, writable_folder
 

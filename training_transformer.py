@@ -32,9 +32,10 @@ from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loade
 from distributed import DistInfo, all_finite, is_main_process, setup_distributed
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
-from utils import (Hooks, MeanMeter, RunFolder, RunLock, StopRequest, autocast, check_global_batch, describe_batch,
-                   global_batch, log, lr_at, resolve_device, resolve_precision, run_cli, run_length, save_sample_grid,
-                   scaled_lr, seed_everything, train_loop, warn)
+from runfolder import RunFolder, RunLock, save_sample_grid
+from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch, log,
+                   lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr, seed_everything,
+                   train_loop, warn)
 from vqgan import VQGAN
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")

@@ -36,9 +36,10 @@ from losses import (LossWeights, backward_fused, discriminator_logits, discrimin
                     generator_terms)
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
-from utils import (Hooks, MeanMeter, RunFolder, RunLock, StopRequest, autocast, check_global_batch, describe_batch,
-                   global_batch, log, lr_at, resolve_device, resolve_precision, run_cli, run_length, save_sample_grid,
-                   scaled_lr, seed_everything, train_loop, warn)
+from runfolder import RunFolder, RunLock, save_sample_grid
+from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch, log,
+                   lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr, seed_everything,
+                   train_loop, warn)
 from vqgan import VQGAN
 
 

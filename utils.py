@@ -1,18 +1,16 @@
 """The training-loop helpers both scripts use: printing on rank 0 and the command-line wrapper,
-device and precision, the batch and learning-rate rules, the run folder with its metrics and
-sample grids, signals and the other reasons to stop, and the loop skeleton itself (train_loop:
-log, sample and save cadence around a script's own train_step).
+device and precision, the batch and learning-rate rules, meters, signals and the other reasons
+to stop, and the loop skeleton itself (train_loop: log, sample and save cadence around a script's
+own train_step). The run folder the loop writes to is runfolder.py.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 import shlex
 import signal
-import socket
 import sys
 import threading
 import time
@@ -24,7 +22,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import last_checkpoint, resume_path, save_checkpoint
 from distributed import (DistInfo, all_reduce_max, barrier, cleanup_distributed, is_distributed, is_main_process,
                          replicas_identical)
 from errors import EnvironmentFault, UserError
@@ -204,161 +201,6 @@ class MeanMeter:
         return out
 
 
-class RunLock:
-    """OUTPUT_DIR/.lock while a run writes there: the process id and host of the writer. A second
-    run into the same folder is refused; the lock of a process that died is taken over, with a
-    message. Only rank 0 locks (and writes)."""
-
-    def __init__(self, root):
-        self.path, self.owned = Path(root) / ".lock", False
-
-    def holder(self) -> Optional[str]:
-        """'process P on HOST' when another live process holds the lock, else None (none, or stale)."""
-        try:
-            pid, host = self.path.read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            return None if not self.path.exists() else f"an unknown process (unreadable {self.path})"
-        if host != socket.gethostname():
-            return f"process {pid} on {host}"  # another machine: cannot tell whether it still runs
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None  # that process is gone
-        except PermissionError:
-            pass  # alive, another user's
-        return None if pid == os.getpid() else f"process {pid} on {host}"
-
-    def check(self) -> None:
-        """Refuse to start (before anything is written) when another run writes to the folder."""
-        if is_main_process() and (holder := self.holder()):
-            raise UserError(f"another run ({holder}) is writing to {self.path.parent}: wait for it to finish, or "
-                            f"use another --output-dir. If that run is gone, delete {self.path}.")
-
-    def acquire(self) -> None:
-        if not is_main_process():
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self.check()  # a live holder: refused
-                warn(f"taking over {self.path}: the run that held it is no longer running.")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {socket.gethostname()}\n")
-            self.owned = True
-            return
-        self.check()
-
-    def release(self) -> None:
-        if self.owned:
-            self.path.unlink(missing_ok=True)
-            self.owned = False
-
-
-class RunFolder:
-    """config.json, checkpoints/last.pt + numbered snapshots, samples/, metrics.jsonl and
-    optional TensorBoard events, written by rank 0 under the folder's RunLock. A context manager:
-    leaving it closes the event file and releases the lock."""
-
-    def __init__(self, root: str, config: dict, tensorboard: bool = False, keep: int = 3, resuming: bool = False):
-        self.root, self.keep = Path(root), keep
-        self.ckpt_dir, self.sample_dir = self.root / "checkpoints", self.root / "samples"
-        self.tb, self.lock, self.saved_step, self._log_failed = None, RunLock(root), None, False
-        if not is_main_process():
-            return
-        try:
-            self.lock.acquire()
-            if not resuming and self.last.exists():  # another run finished here since this one's start-up checks
-                self.lock.release()
-                resume_path(self.root, None)  # its UserError
-            for d in (self.ckpt_dir, self.sample_dir):
-                d.mkdir(parents=True, exist_ok=True)
-            (self.root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        except OSError as e:
-            self.lock.release()
-            raise UserError(f"cannot write to the output folder {self.root} ({e.strerror}): "
-                            "choose a writable --output-dir.") from None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.root / "tensorboard"))
-            except ImportError:
-                warn("--tensorboard needs the tensorboard package (pip install tensorboard); logging to metrics.jsonl only.")
-
-    def __enter__(self) -> "RunFolder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @property
-    def last(self) -> Path:
-        return last_checkpoint(self.root)
-
-    def log_metrics(self, step: int, metrics: dict) -> None:
-        """Append a metrics line. A failed write (disk full, read-only) costs no training: it is
-        warned about once, and the next checkpoint save tells whether the disk is really gone."""
-        if not is_main_process():
-            return
-        try:
-            with open(self.root / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        except OSError as e:
-            if not self._log_failed:
-                warn(f"cannot append to {self.root / 'metrics.jsonl'} ({e.strerror}); training goes on.")
-            self._log_failed = True
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-
-    def save(self, checkpoint: dict, step: int) -> None:
-        """Write last.pt atomically and keep it as snapshot step_XXXXXXX.pt (a hard link, so no
-        second write); only the newest `keep` snapshots stay. A write that fails (disk full,
-        read-only) ends the run with an EnvironmentFault naming the last checkpoint that was saved."""
-        if not is_main_process():
-            return
-        try:
-            save_checkpoint(checkpoint, self.last)
-            snap = self.ckpt_dir / f"step_{step:07d}.pt"
-            if self.keep > 0:
-                if snap.exists():
-                    snap.unlink()
-                try:
-                    os.link(self.last, snap)
-                except OSError:
-                    save_checkpoint(checkpoint, snap)
-            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.keep or None]:
-                old.unlink()
-        except OSError as e:
-            before = (f"the last checkpoint saved is step {self.saved_step}, {self.last}" if self.saved_step is not None
-                      else ("the checkpoint this run resumed from, " + str(self.last)) if self.last.exists()
-                      else "no checkpoint of this run was saved yet")
-            raise EnvironmentFault(f"could not write the checkpoint of step {step} to {self.ckpt_dir} "
-                                   f"({e.strerror or e}); {before}. Free space or make the folder writable, then "
-                                   "continue with --resume latest.") from None
-        self.saved_step = step
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-        self.lock.release()
-
-
-@torch.no_grad()
-def save_sample_grid(rows: Sequence[torch.Tensor], path) -> None:
-    """Save images in [-1, 1] as a grid, one row per tensor (e.g. inputs above reconstructions)."""
-    from torchvision.utils import save_image
-
-    images = torch.cat([r.detach().float().cpu() for r in rows])
-    save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=rows[0].shape[0], padding=2)
-
-
 # ---------------------------------------------------------------------------- stopping
 class StopRequest:
     """SIGINT and SIGTERM ask the run to stop at the end of the current step (or, before training
@@ -410,7 +252,7 @@ class TrainingGuard:
     from the run's skip log) and SIGINT/SIGTERM (the script's StopRequest). Each stop saves a
     checkpoint first."""
 
-    def __init__(self, cfg, run: "RunFolder", device: torch.device, skip_log, stop: StopRequest):
+    def __init__(self, cfg, run, device: torch.device, skip_log, stop: StopRequest):
         self.cfg, self.run, self.device, self.skip_log = cfg, run, device, skip_log
         self.stop, self.bad_run = stop, 0
 
@@ -471,7 +313,7 @@ class Hooks:
     replicas: Sequence[tuple[torch.nn.Module, bool]] = field(default_factory=list)  # (module, compare buffers)
 
 
-def evaluate_guarded(hooks: Hooks, run: RunFolder, step: int) -> bool:
+def evaluate_guarded(hooks: Hooks, run, step: int) -> bool:
     """hooks.evaluate, whose failure (a sample grid that cannot be drawn or written, a validation
     that breaks) is reported and costs no training: the checkpoint of the step is saved before.
     Metrics that are not numbers are reported, not logged. True when it worked."""
@@ -489,7 +331,7 @@ def evaluate_guarded(hooks: Hooks, run: RunFolder, step: int) -> bool:
     return not broken
 
 
-def train_loop(cfg, run: RunFolder, hooks: Hooks, batches: Iterable, step: int, total_steps: int,
+def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps: int,
                device: torch.device, skip_log, stop: StopRequest) -> tuple[int, Optional[str], int]:
     """Optimizer steps from `step` to `total_steps` over `batches` ((epoch, micro-batches) per
     step): metrics every --log-every steps, a checkpoint every --save-every and at the end, then

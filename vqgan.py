@@ -21,10 +21,11 @@ import torch.nn as nn
 
 from checkpoint import load_checkpoint, load_strict, save_checkpoint
 from codebook import GumbelQuantizer, Quantized, VectorQuantizer
-from config import VQGANConfig, add_fields, config_to_dict, given_values, model_config_from_dict, option
+from config import VQGANConfig, config_to_dict, model_config_from_dict
 from decoder import Decoder
 from encoder import Encoder
 from errors import UserError
+from flags import add_fields, given_values, option
 from official import checkpoint_kind, infer_vqgan_config, vqgan_config_from_yaml
 from utils import log, run_cli
 

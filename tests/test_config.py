@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 
-from config import (DEMO_VQGAN, PRESETS, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig, add_fields,
+from config import (DEMO_VQGAN, PRESETS, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig,
                     parse_train_transformer, parse_train_vqgan)
 from errors import UserError
+from flags import add_fields
 
 
 def help_text(*classes) -> str:

@@ -182,7 +182,7 @@ def test_a_full_disk_ends_the_run_with_what_was_saved_and_how_to_resume(images, 
             raise OSError(28, "No space left on device")
         real(obj, path)
 
-    monkeypatch.setattr("utils.save_checkpoint", fills_up)
+    monkeypatch.setattr("runfolder.save_checkpoint", fills_up)
     out = tmp_path / "run"
     r = cli("training_vqgan", *stage1_args(images, out, "--max-steps", "6", "--save-every", "2"))
     assert r.returncode == 1

@@ -1,8 +1,9 @@
-"""utils.py: the run folder, the learning-rate schedule, the shared training loop."""
+"""runfolder.py and utils.py: the run folder, the learning-rate schedule, the shared training loop."""
 import pytest
 
 from checkpoint import load_checkpoint
-from utils import RunFolder, lr_at
+from runfolder import RunFolder
+from utils import lr_at
 
 
 def test_run_folder_keeps_the_newest_snapshots(tmp_path):
