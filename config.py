@@ -223,7 +223,7 @@ class TrainVQGANConfig(RunConfig):
 @dataclass
 class TrainTransformerConfig(RunConfig):
     """A stage-2 training run (training_transformer.py)."""
-    vqgan_checkpoint: Optional[str] = option(None, "stage-1 checkpoint, ours or a taming-transformers VQGAN .ckpt (default: runs/vqgan/checkpoints/last.pt, the demo's)")
+    vqgan_checkpoint: Optional[str] = option(None, "stage-1 checkpoint, ours or a taming-transformers VQGAN .ckpt, or a stage-2 checkpoint (its VQGAN) (default: runs/vqgan/checkpoints/last.pt, the demo's)")
     vqgan_config: Optional[str] = option(None, "YAML config of a taming-transformers --vqgan-checkpoint (default: infer the architecture from its weights)")
     conditional: bool = option(False, "class-conditional: one class per first-level subfolder of --dataset-path")
     class_dropout: float = option(0.1, "probability of replacing the class token by 'no class' (classifier-free guidance)")

@@ -9,7 +9,8 @@ Every image of DIR (searched recursively) is resized on its shorter side and cen
 the model's resolution (or --image-size). Without --dataset-path the set is fixed random crops of
 the demo photographs' held-out strips (`--demo-split train`: of the parts trained on, to see which
 codes the tokenizer uses on its own training distribution). Prints a table and writes OUT/metrics.json and
-OUT/reconstructions.png (each original next to its reconstruction).
+OUT/reconstructions.png (each original next to its reconstruction); OUT is by default
+eval/<checkpoint name>/ in the run folder. A stage-2 checkpoint: the VQGAN inside it is evaluated.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from vqgan import VQGAN
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: Optional[str] = option(None, "stage-1 checkpoint of this project, or a taming-transformers VQGAN .ckpt", required=True)
+    checkpoint: Optional[str] = option(None, "stage-1 or stage-2 checkpoint of this project, or a taming-transformers .ckpt (a stage-2 one: its VQGAN is evaluated)", required=True)
     config: Optional[str] = option(None, "YAML config of a taming-transformers checkpoint (default: inferred)")
     dataset_path: Optional[str] = option(None, "folder of images, searched recursively (default: the demo's held-out crops)")
     demo_split: str = option("held-out", "without --dataset-path: crops of the demo photos' held-out strips, or of the parts trained on", choices=("held-out", "train"))
@@ -53,7 +54,7 @@ class EvaluateConfig:
     precision: str = option("fp32", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
     grid_images: int = option(8, "image pairs in reconstructions.png")
     seed: int = option(0, "seed of the demo crops (0, as in training)")
-    out: Optional[str] = option(None, "output folder (default: eval/ in the checkpoint's run folder)")
+    out: Optional[str] = option(None, "output folder (default: eval/<checkpoint name>/ in the checkpoint's run folder, -train added for --demo-split train)")
 
     def __post_init__(self):
         check_finite(self)
@@ -64,9 +65,12 @@ def parse_args(argv: Optional[list[str]] = None) -> EvaluateConfig:
     return parse_into(EvaluateConfig, argv, "Evaluate a VQGAN: reconstruction quality and codebook usage.")
 
 
-def default_out(checkpoint: str) -> Path:
-    path = Path(checkpoint)
-    return path.parent.parent / "eval" if path.parent.name == "checkpoints" else path.parent / f"{path.stem}_eval"
+def default_out(args: EvaluateConfig) -> Path:
+    """A folder of its own per checkpoint (and per demo split): RUN/eval/<checkpoint name>/ for a
+    checkpoint in a run folder's checkpoints/, else <name>_eval/ beside the file."""
+    path = Path(args.checkpoint)
+    name = path.stem + ("-train" if args.dataset_path is None and args.demo_split == "train" else "")
+    return path.parent.parent / "eval" / name if path.parent.name == "checkpoints" else path.parent / f"{name}_eval"
 
 
 def build_dataset(args: EvaluateConfig, size: int, channels: int) -> tuple[ImageDataset, str]:
@@ -182,7 +186,7 @@ def main(args: EvaluateConfig) -> dict:
         warn("LPIPS needs RGB images; it is not computed for this model.")
         perceptual = None
     perceptual = perceptual.to(device) if perceptual is not None else None
-    out = writable_folder(args.out or default_out(args.checkpoint), "--out")  # before the work, not after
+    out = writable_folder(args.out or default_out(args), "--out")  # before the work, not after
 
     log(f"data: {description}; {size}x{size} crops")
     loader = make_loader(dataset, EpochSampler(len(dataset), args.seed, shuffle=False), args.batch_size,

@@ -105,6 +105,23 @@ def infer_vqgan_config(state: dict) -> VQGANConfig:
                         "Pass its YAML with config=... / --config.") from None
 
 
+def first_stage_config(params: dict) -> VQGANConfig:
+    """The VQGAN config inside a reference transformer YAML's `model.params` (KeyError when absent)."""
+    first = params["first_stage_config"]
+    return vqgan_config_from_params(first.get("params", {}), first.get("target", ""))
+
+
+def transformer_vqgan_config(state: dict, config: Optional[str]) -> VQGANConfig:
+    """The first stage of a reference transformer checkpoint: from its YAML, else from the weights."""
+    if config is None:
+        return infer_vqgan_config(sub_state(state, "first_stage_model."))
+    params = section(section(read_yaml(config), "model", config), "params", config)
+    try:
+        return first_stage_config(params)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{config} lacks the field {e} of a taming-transformers transformer config.") from None
+
+
 def transformer_configs(state: dict, config: Optional[str]) -> tuple[VQGANConfig, GPTConfig, dict]:
     """(VQGAN config, GPT config, conditioning) of a reference transformer checkpoint.
     conditioning: {"sos_token": int} (unconditional) or {"n_classes": int} (class-conditional)."""
@@ -116,8 +133,7 @@ def transformer_configs(state: dict, config: Optional[str]) -> tuple[VQGANConfig
     if config is not None:
         params = section(section(read_yaml(config), "model", config), "params", config)
         try:
-            first = params["first_stage_config"]
-            vq_cfg = vqgan_config_from_params(first.get("params", {}), first.get("target", ""))
+            vq_cfg = first_stage_config(params)
             g = params["transformer_config"]["params"]
             gpt_cfg = GPTConfig(vocab_size=g["vocab_size"], block_size=g["block_size"], n_layer=g["n_layer"],
                                 n_head=g["n_head"], n_embd=g["n_embd"])

@@ -31,12 +31,12 @@ from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_conf
 from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loader, training_batches
 from distributed import DistInfo, all_finite, is_main_process, setup_distributed
 from errors import UserError
-from transformer import VQGANTransformer, gpt_shape, vqgan_from_stage2
+from transformer import VQGANTransformer, gpt_shape
 from runfolder import RunFolder, RunLock, save_sample_grid
 from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch, log,
                    lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr, seed_everything,
                    train_loop, warn)
-from vqgan import VQGAN
+from vqgan import VQGAN, vqgan_from_stage2
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
 

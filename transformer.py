@@ -27,7 +27,7 @@ from config import GPTConfig, VQGANConfig, model_config_from_dict
 from errors import UserError
 from mingpt import GPT
 from official import checkpoint_kind, sub_state, transformer_configs
-from vqgan import VQGAN
+from vqgan import VQGAN, vqgan_from_stage2
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,6 @@ class TokenLayout:
 def gpt_shape(vqgan_config: VQGANConfig, n_classes: int) -> dict:
     """The GPT sizes of this project's token layout for a VQGAN and a number of classes."""
     return TokenLayout(vqgan_config.n_embed, n_classes).gpt_shape(vqgan_config)
-
-
-def vqgan_from_stage2(ckpt: dict, what: str = "the stage-2 checkpoint") -> VQGAN:
-    """The frozen first stage stored inside a stage-2 checkpoint."""
-    vqgan = VQGAN(model_config_from_dict(VQGANConfig, ckpt["vqgan_config"]))
-    load_strict(vqgan, ckpt["vqgan"], f"{what} (its VQGAN)")
-    return vqgan.eval()
 
 
 def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],

@@ -19,14 +19,14 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint, load_strict, save_checkpoint
+from checkpoint import load_checkpoint, load_strict, require_entries, save_checkpoint
 from codebook import GumbelQuantizer, Quantized, VectorQuantizer
 from config import VQGANConfig, config_to_dict, model_config_from_dict
 from decoder import Decoder
 from encoder import Encoder
 from errors import UserError
 from flags import add_fields, given_values, option
-from official import checkpoint_kind, infer_vqgan_config, vqgan_config_from_yaml
+from official import checkpoint_kind, infer_vqgan_config, sub_state, transformer_vqgan_config, vqgan_config_from_yaml
 from utils import log, run_cli
 
 
@@ -99,12 +99,17 @@ class VQGAN(nn.Module):
     def from_checkpoint(cls, path, config: Optional[str] = None, map_location=None) -> "VQGAN":
         """Load a checkpoint written by this project (training checkpoint or weights-only file
         with 'model' and 'model_config'), or a taming-transformers `.ckpt` (architecture from
-        its YAML `config`, else inferred from the weights). Returns the model in eval mode."""
+        its YAML `config`, else inferred from the weights). A stage-2 checkpoint, ours or the
+        reference's, gives the VQGAN it was trained over. Returns the model in eval mode."""
         ckpt = load_checkpoint(path, map_location=map_location or "cpu")
         kind = checkpoint_kind(ckpt)
-        if kind == "reference-transformer":
-            raise UserError(f"{path} is a taming-transformers transformer checkpoint, not a VQGAN: load it with "
-                            "VQGANTransformer.from_checkpoint, or give the VQGAN checkpoint.")
+        if kind == "transformer":  # a stage-2 checkpoint carries its (frozen) VQGAN
+            return vqgan_from_stage2(ckpt, str(path))
+        if kind == "reference-transformer":  # its first_stage_model
+            state = ckpt["state_dict"]
+            model = cls(transformer_vqgan_config(state, config))
+            load_strict(model, sub_state(state, "first_stage_model."), f"{path} (first_stage_model)")
+            return model.eval()
         if kind == "reference-vqgan":
             state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("loss.")}
             model = cls(vqgan_config_from_yaml(config) if config else infer_vqgan_config(state))
@@ -116,6 +121,14 @@ class VQGAN(nn.Module):
         model = cls(model_config_from_dict(VQGANConfig, ckpt["model_config"]))
         load_strict(model, ckpt["model"], str(path))
         return model.eval()
+
+
+def vqgan_from_stage2(ckpt: dict, what: str = "the stage-2 checkpoint") -> VQGAN:
+    """The frozen first stage stored inside one of our stage-2 checkpoints."""
+    require_entries(ckpt, ("vqgan", "vqgan_config"), what, "stage-2 checkpoint")
+    vqgan = VQGAN(model_config_from_dict(VQGANConfig, ckpt["vqgan_config"]))
+    load_strict(vqgan, ckpt["vqgan"], f"{what} (its VQGAN)")
+    return vqgan.eval()
 
 
 @dataclass

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from codebook import codebook_usage
-from conftest import assert_user_error, random_vgg_file, reference_vqgan, write_images
+from conftest import assert_user_error, random_vgg_file, reference_vqgan, save_lightning, write_images
 from data import ImageDataset, build_transform, scan_images
 from evaluate_vqgan import main, parse_args
 from metrics import psnr
@@ -31,7 +31,7 @@ def test_evaluation_reports_every_metric(tmp_path, tiny_checkpoint, random_incep
     vgg, _ = random_vgg_file(tmp_path)
     result = main(parse_args(["--checkpoint", ckpt, "--dataset-path", str(data), "--batch-size", "2",
                               "--num-workers", "0", "--vgg-weights", str(vgg), "--inception-weights", random_inception]))
-    out = tmp_path / "run" / "eval"  # default: next to the run's checkpoints/
+    out = tmp_path / "run" / "eval" / "last"  # default: a folder per checkpoint in the run folder
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(result))
     assert (out / "reconstructions.png").is_file()
     table = capsys.readouterr().out
@@ -86,3 +86,44 @@ def test_demo_split_train_gives_fixed_crops_of_the_trained_parts():
     assert "trained on" in train_desc and "held-out" in held_out_desc
     assert not torch.equal(train, held_out)
     assert torch.equal(train, first("train")[0])  # the same crops every time
+
+
+def test_each_checkpoint_gets_its_own_eval_folder(tmp_path, tiny_checkpoint, capsys):
+    ckpt, _ = tiny_checkpoint
+    snapshot = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
+    torch.manual_seed(1)
+    other = VQGAN(VQGAN.from_checkpoint(ckpt).config)
+    save_checkpoint({"kind": "vqgan", "format_version": 1, "model": other.state_dict(),
+                     "model_config": other.config_dict()}, snapshot)
+    common = ["--no-lpips", "--num-workers", "0", "--num-images", "4"]
+    first = main(parse_args(["--checkpoint", ckpt, *common]))
+    second = main(parse_args(["--checkpoint", str(snapshot), *common]))
+    train = main(parse_args(["--checkpoint", ckpt, "--demo-split", "train", *common]))
+    eval_dir = tmp_path / "run" / "eval"
+    assert sorted(p.name for p in eval_dir.iterdir()) == ["last", "last-train", "step_0000002"]
+    for name, result in (("last", first), ("step_0000002", second), ("last-train", train)):
+        assert json.loads((eval_dir / name / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    assert first["psnr"] != second["psnr"]  # different weights, neither file overwritten
+    assert str(eval_dir / "last-train" / "metrics.json") in capsys.readouterr().out  # says where it wrote
+
+
+def test_a_stage2_checkpoint_evaluates_its_vqgan(tmp_path, transformer_run, vqgan_run):
+    common = ["--no-lpips", "--num-workers", "0", "--num-images", "4"]
+    of_stage2 = main(parse_args(["--checkpoint", str(transformer_run.last), "--out", str(tmp_path / "a"), *common]))
+    of_stage1 = main(parse_args(["--checkpoint", str(vqgan_run.last), "--out", str(tmp_path / "b"), *common]))
+    assert of_stage2.pop("checkpoint") != of_stage1.pop("checkpoint")
+    assert of_stage2 == of_stage1  # the VQGAN inside the stage-2 checkpoint is the stage-1 one
+
+
+def test_a_reference_transformer_checkpoint_evaluates_its_first_stage(tmp_path):
+    vqgan, _ = reference_vqgan(tmp_path)
+    state = {**{f"first_stage_model.{k}": v for k, v in vqgan.state_dict().items()},
+             "transformer.tok_emb.weight": torch.randn(vqgan.config.n_embed, 8)}
+    save_lightning(tmp_path / "gpt.ckpt", state)  # a Net2NetTransformer's layout (its GPT not needed here)
+    data = tmp_path / "images"
+    write_images(data, n=3)
+    common = ["--dataset-path", str(data), "--image-size", "32", "--num-workers", "0", "--no-lpips"]
+    of_transformer = main(parse_args(["--checkpoint", str(tmp_path / "gpt.ckpt"), "--out", str(tmp_path / "a"), *common]))
+    of_vqgan = main(parse_args(["--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "b"), *common]))
+    assert of_transformer.pop("checkpoint") != of_vqgan.pop("checkpoint")
+    assert of_transformer == of_vqgan and of_transformer["images"] == 3

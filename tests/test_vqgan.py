@@ -75,9 +75,12 @@ def test_checkpoint_round_trip_weights_only(tiny_cfg, tmp_path):
 def test_from_checkpoint_rejects_other_kinds(tiny_cfg, tmp_path):
     from checkpoint import save_checkpoint
 
-    path = tmp_path / "gpt.pt"
-    save_checkpoint({"kind": "transformer", "model": {}}, path)
+    path = tmp_path / "other.pt"
+    save_checkpoint({"kind": "metrics", "model": {}}, path)
     with pytest.raises(UserError, match="not a VQGAN checkpoint"):
+        VQGAN.from_checkpoint(path)
+    save_checkpoint({"kind": "transformer", "model": {}}, path)  # a stage-2 checkpoint without its VQGAN
+    with pytest.raises(UserError, match="lacks vqgan, vqgan_config"):
         VQGAN.from_checkpoint(path)
     with pytest.raises(UserError, match="does not exist"):
         VQGAN.from_checkpoint(tmp_path / "missing.pt")
