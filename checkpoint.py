@@ -1,10 +1,11 @@
 """Checkpoint files: the atomic write, the one way every checkpoint is read (weights-only, or a
 restricted unpickler for the reference's Lightning files: nothing in a file is ever imported or
-run), the random-number states a bit-identical resume needs, and where a run resumes from.
+run; .safetensors weights files with their config), the random-number states a bit-identical resume needs, and where a run resumes from.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pickle
 import random
@@ -20,20 +21,73 @@ from errors import UserError
 
 
 # ----------------------------------------------------------------------------------- files
-def save_checkpoint(obj: dict, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash at any
+def _atomic_write(path: Path, write) -> None:
+    """write(f) into a temporary file in the same folder, fsync, then os.replace: a crash at any
     moment leaves either the old or the new file, never a partial one."""
-    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """torch.save, atomically; a path ending in .safetensors gets a weights file (save_safetensors)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return save_safetensors(obj, path)
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_safetensors(obj: dict, path) -> None:
+    """A weights file: obj["model"]'s tensors in the safetensors format (no pickle: nothing in it
+    can run code), the rest of obj (kind, config: plain values) as JSON, both in the file's
+    metadata and in config.json beside it, as model hubs expect. Both written atomically."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    meta = {k: v for k, v in obj.items() if k != "model"}
+    config = path.with_name("config.json")
+    if config.exists():
+        try:
+            same = json.loads(config.read_text()) == json.loads(json.dumps(meta))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise UserError(f"{config} exists and describes another model: write the .safetensors file to a "
+                            "folder of its own.")
+    data = save({k: v.detach().cpu().contiguous() for k, v in obj["model"].items()},
+                metadata={"checkpoint": json.dumps(meta)})
+    _atomic_write(path, lambda f: f.write(data))
+    _atomic_write(config, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+
+
+def load_safetensors(path, map_location="cpu") -> dict:
+    """A file of save_safetensors as the checkpoint dict it came from (its tensors under
+    "model"); the description from the file's metadata, else from config.json beside it."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get("checkpoint")
+        tensors = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}): the file is damaged or cut short.") from None
+    config = Path(path).with_name("config.json")
+    try:
+        meta = json.loads(text) if text is not None else json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} carries no description of its model and {config} cannot be read ({e}): put the "
+                        "config.json it was written with beside it.") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"the description of {path} is not a mapping of settings: the file is damaged.")
+    return {**meta, "model": tensors}
 
 
 class Placeholder:
@@ -108,6 +162,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                         f"{Path(path) / 'checkpoints' / 'last.pt'}.")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check the path.")
+    if str(path).endswith(".safetensors"):
+        return load_safetensors(path, map_location)
     def unreadable(e: Exception) -> UserError:  # not a torch file at all (text, an image, cut short): say so
         return UserError(f"{path} is not a PyTorch checkpoint file, or it is damaged ({type(e).__name__}"
                          f"{': ' + str(e).splitlines()[0] if str(e) else ''}): give a .pt or .ckpt file.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -131,23 +132,32 @@ def vqgan_from_stage2(ckpt: dict, what: str = "the stage-2 checkpoint") -> VQGAN
     return vqgan.eval()
 
 
+WEIGHT_SUFFIXES = (".pt", ".safetensors")
+
+
 @dataclass
 class ConvertConfig:
-    """`python vqgan.py convert`: a taming-transformers VQGAN as this project's weights-only file."""
+    """`python vqgan.py convert`: a taming-transformers VQGAN as this project's weights file."""
     taming_ckpt: Optional[str] = option(None, "the reference's checkpoint (.ckpt)", required=True)
-    out: Optional[str] = option(None, "output file, loadable with VQGAN.from_checkpoint and weights_only=True", required=True)
+    out: Optional[str] = option(None, "output file, loadable with VQGAN.from_checkpoint: NAME.pt (ours, weights-only) "
+                                "or NAME.safetensors (config.json written beside it)", required=True)
     config: Optional[str] = option(None, "its YAML config (default: infer the architecture from the weights)")
 
 
 def convert(args: ConvertConfig) -> VQGANConfig:
-    """Write a taming-transformers VQGAN as this project's weights-only file (model + config)."""
+    """Write a taming-transformers VQGAN as this project's weights file (model + config), in the
+    format the --out extension names."""
+    if Path(args.out).suffix not in WEIGHT_SUFFIXES:
+        raise UserError(f"--out {args.out}: the extension names the format, .pt (this project's) or .safetensors; "
+                        f"'{Path(args.out).suffix or 'none'}' is neither.")
     model = VQGAN.from_checkpoint(args.taming_ckpt, config=args.config)
     try:
         save_checkpoint({"kind": "vqgan", "format_version": 1, "model": model.state_dict(),
                          "model_config": model.config_dict()}, args.out)
     except OSError as e:
         raise UserError(f"cannot write {args.out} ({e.strerror}): choose a writable --out path.") from None
-    log(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    beside = f" and {Path(args.out).with_name('config.json')}" if args.out.endswith(".safetensors") else ""
+    log(f"wrote {args.out}{beside}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{model.config.n_embed} codes, f{model.config.downsample_factor}")
     return model.config
 

@@ -1,7 +1,9 @@
 """taming-transformers checkpoints: tiny random models saved in the reference's Lightning layout
 (with a callbacks entry keyed by a class whose module is gone when loading) load safely, give the
 same state and outputs, and sample the same tokens as the reference's sampling loop."""
+import json
 import pathlib
+import zipfile
 from dataclasses import replace
 
 import pytest
@@ -108,6 +110,47 @@ def test_convert_writes_a_weights_only_checkpoint(tmp_path, cli):
     assert torch.equal(VQGAN.from_checkpoint(out)(x)[0], original(x)[0])
     r = cli("vqgan", "convert", "--taming-ckpt", tmp_path / "nope.ckpt", "--out", out)
     assert_user_error(r, "does not exist")
+
+
+def test_convert_writes_the_format_its_extension_names(tmp_path, cli):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    original, path = reference_vqgan(tmp_path)
+    out = tmp_path / "st" / "vqgan.safetensors"
+    out.parent.mkdir()
+    r = cli("vqgan", "convert", "--taming-ckpt", path, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "config.json" in r.stdout
+    with open(out, "rb") as f:
+        assert f.read(2) != b"PK" and not zipfile.is_zipfile(out)  # not torch.save's zip of pickles
+    tensors = load_file(out)  # the safetensors library itself reads it
+    assert tensors.keys() == original.state_dict().keys()
+    assert all(torch.equal(tensors[k], v) for k, v in original.state_dict().items())
+    config = json.loads((out.parent / "config.json").read_text())
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["checkpoint"]) == config
+    assert config["kind"] == "vqgan" and config["model_config"]["n_embed"] == 24
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    loaded = VQGAN.from_checkpoint(out)
+    assert loaded.config == original.config and torch.equal(loaded(x)[0], original(x)[0])
+    # another model's config.json beside the file is never overwritten
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"kind": "something else"}')
+    assert_user_error(cli("vqgan", "convert", "--taming-ckpt", path, "--out", tmp_path / "other" / "v.safetensors"),
+                      "describes another model")
+    assert not (tmp_path / "other" / "v.safetensors").exists()
+    # an extension that names no format is refused before anything is read or written
+    for name in ("v.bin", "v"):
+        assert_user_error(cli("vqgan", "convert", "--taming-ckpt", path, "--out", tmp_path / name), "extension")
+        assert not (tmp_path / name).exists()
+
+
+def test_a_damaged_safetensors_file_is_one_message(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_checkpoint(bad)
 
 
 def test_lpips_weights_from_a_reference_checkpoint(tmp_path):
