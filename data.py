@@ -385,7 +385,7 @@ def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: 
                          labels=label(train_paths), skip_log=skip_log)
     val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels, labels=label(val_paths),
                        skip_log=skip_log)
-    return train, val, f"{dataset_path}: {len(train_paths)} training and {len(val_paths)} validation images"
+    return train, val, f"{len(train_paths)} training and {len(val_paths)} validation images from {dataset_path}"
 
 
 def training_batches(dataset: Dataset, cfg, dist_info, device: torch.device, step: int, total_steps: int):

@@ -33,7 +33,7 @@ from errors import UserError
 from flags import option, parse_into
 from lpips import VGGWeightsUnavailable, load_lpips
 from metrics import INCEPTION_FILE, ReconstructionFID, psnr, ssim
-from utils import autocast, log, resolve_device, resolve_precision, run_cli, warn, writable_folder
+from utils import autocast, interactive, log, resolve_device, resolve_precision, run_cli, warn, writable_folder
 from vqgan import VQGAN
 
 
@@ -115,7 +115,7 @@ def evaluate(model: VQGAN, loader, device: torch.device, amp_dtype, perceptual=N
     counts = torch.zeros(n_embed, device=device)
     values: dict[str, list] = {"psnr": [], "ssim": [], "lpips": []}
     pairs = []
-    for x in tqdm(loader, desc="evaluating", disable=not show_progress, dynamic_ncols=True):
+    for x in tqdm(loader, desc="evaluating", disable=not (show_progress and interactive()), dynamic_ncols=True):
         x = x[0] if isinstance(x, (list, tuple)) else x
         x = x.to(device)
         with autocast(device, amp_dtype):

@@ -33,9 +33,9 @@ from distributed import DistInfo, all_finite, is_main_process, setup_distributed
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape
 from runfolder import RunFolder, RunLock, save_sample_grid
-from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch, log,
-                   lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr, seed_everything,
-                   train_loop, warn)
+from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch,
+                   interactive, log, lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr,
+                   seed_everything, train_loop, warn)
 from vqgan import VQGAN, vqgan_from_stage2
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -60,7 +60,7 @@ def encode_dataset(model: VQGANTransformer, dataset, batch_size: int, num_worker
     """Encode every item once with the frozen VQGAN (deterministic crops: no augmentation)."""
     loader = make_loader(dataset, EpochSampler(len(dataset), 0, shuffle=False), batch_size, num_workers, False)
     tokens, labels = [], []
-    for batch in tqdm(loader, desc="encoding the dataset once", disable=not is_main_process(), leave=False):
+    for batch in tqdm(loader, desc="encoding the dataset once", disable=not (is_main_process() and interactive()), leave=False):
         x, y = split_batch(batch)
         tokens.append(model.encode_to_indices(x.to(device)).to(torch.int32).cpu())
         labels.append(torch.zeros(len(x), dtype=torch.long) if y is None else y)

@@ -361,8 +361,10 @@ def main(cfg: TrainVQGANConfig) -> dict:
             f"{device}, precision {str(s.amp_dtype).replace('torch.', '') if s.amp_dtype else 'fp32'}; run folder "
             f"{cfg.output_dir}")
         log(describe_batch(cfg, dist_info))
-        log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch); discriminator from step "
-            f"{cfg.disc_start}" + (f"; resumed at step {step}" if step else ""))
+        gan = (f"discriminator from step {cfg.disc_start}" if cfg.disc_start < total_steps and cfg.disc_factor > 0
+               else f"discriminator off in this run (--disc-start {cfg.disc_start}, --disc-factor {cfg.disc_factor:g})")
+        log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch); {gan}"
+            + (f"; resumed at step {step}" if step else ""))
         # Validation and sample grids on rank 0 only; the others wait at the barrier.
         psnr_before = evaluate_psnr(s, val_loader, cfg.val_batches) if is_main_process() else None
         psnr_after = [psnr_before]  # the newest validation PSNR, set by evaluate()

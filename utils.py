@@ -331,6 +331,22 @@ def evaluate_guarded(hooks: Hooks, run, step: int) -> bool:
     return not broken
 
 
+def interactive() -> bool:
+    """Whether progress bars may redraw in place: stderr is a terminal, not a log file (a cluster
+    job, a redirect), where each redraw would be another line."""
+    return sys.stderr.isatty()
+
+
+def progress_line(step: int, total_steps: int, metrics: dict, shown: Sequence[str], rate: str, eta_s: float) -> str:
+    """One plain log line: step, the shown figures, the rate and the time left."""
+    figures = " ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics)
+    minutes, seconds = divmod(int(round(eta_s)), 60)
+    hours, minutes = divmod(minutes, 60)
+    eta = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+    return (f"step {step}/{total_steps} | {figures} | {metrics[rate]:.3g} {rate.replace('_per_s', '/s')} | "
+            f"ETA {eta}")
+
+
 def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps: int,
                device: torch.device, skip_log, stop: StopRequest) -> tuple[int, Optional[str], int]:
     """Optimizer steps from `step` to `total_steps` over `batches` ((epoch, micro-batches) per
@@ -344,8 +360,9 @@ def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps
         log(f"stopped by {stop.signal or 'a signal on another process'} before training began (step {step}); "
             "nothing new was trained or saved.")
         return step, stop.signal or "signal", 0
-    bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not main)
+    bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not (main and interactive()))
     meter, guard, failed = MeanMeter(), TrainingGuard(cfg, run, device, skip_log, stop), 0
+    start_step, start_time = step, time.perf_counter()
     try:
         for epoch, micro in batches:
             logs = hooks.train_step(micro, step)
@@ -359,6 +376,9 @@ def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps
                 name, per_step = hooks.rate
                 metrics.update(epoch=epoch, lr=hooks.lr(step - 1), **{name: per_step / metrics["step_time"]})
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in hooks.shown if k in metrics})
+                if bar.disable:  # a log file, not a terminal: one plain line instead of redraws
+                    eta = (total_steps - step) * (time.perf_counter() - start_time) / (step - start_step)
+                    log(progress_line(step, total_steps, metrics, hooks.shown, name, eta))
                 run.log_metrics(step, metrics)
             stopping = guard.save_or_stop(step, step % cfg.save_every == 0 or last, lambda: hooks.checkpoint(step))
             if (step % cfg.sample_every == 0 or last) and not stopping:

@@ -60,7 +60,8 @@ def test_precedence_defaults_preset_demo_flags():
     demo = parse_train_vqgan([])
     assert demo.preset == "tiny" and demo.model.ch == PRESETS["tiny"].model["ch"]
     assert demo.max_steps == DEMO_VQGAN["max_steps"]
-    assert demo.batch_size == PRESETS["tiny"].run["batch_size"]
+    assert demo.batch_size == DEMO_VQGAN["batch_size"] != PRESETS["tiny"].run["batch_size"]  # demo over preset
+    assert demo.disc_start == PRESETS["tiny"].run["disc_start"]  # the preset's, which the demo leaves alone
     override = parse_train_vqgan(["--preset", "tiny", "--dataset-path", "d", "--ch", "64", "--ch-mult", "1", "2",
                                   "--attn-resolutions", "32"])
     assert override.model.ch == 64 and override.model.ch_mult == (1, 2) and override.max_steps is None
