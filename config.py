@@ -41,6 +41,7 @@ class VQGANConfig:
     num_res_blocks: int = option(2, "ResnetBlocks per encoder level (the decoder has one more)")
     attn_resolutions: tuple[int, ...] = option((16,), "feature-map sides, counted from --resolution, that get self-attention")
     dropout: float = option(0.0, "dropout inside ResnetBlocks")
+    norm_groups: int = option(32, "GroupNorm groups in encoder and decoder (the reference: 32; fewer keep more than one channel per group at narrow widths)")
     in_channels: int = option(3, "channels of input images (1 or 3)")
     out_channels: int = option(3, "channels of reconstructed images")
     resolution: int = option(256, "training image side in pixels; also places attention")
@@ -65,7 +66,7 @@ class VQGANConfig:
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise UserError(f"--ch-mult {' '.join(map(str, self.ch_mult))} is invalid: give one positive "
                             "multiplier per level, e.g. --ch-mult 1 2 4.")
-        require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
+        require(self, dict(ch=1, norm_groups=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
                             embed_dim=1, n_embed=1, beta=0.0, dropout=0.0, gumbel_kl_weight=0.0, codebook_dim=0,
                             codebook_ema=0.0, codebook_restart_after=0, codebook_entropy_weight=0.0))
         if not self.codebook_ema < 1.0:
@@ -77,9 +78,11 @@ class VQGANConfig:
         if self.quantizer == "gumbel" and self.z_channels != self.embed_dim:
             raise UserError("the Gumbel quantizer reads quant_conv's output with z_channels inputs, as in the "
                             "reference: make --z-channels equal to --embed-dim.")
-        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
+        g = self.norm_groups
+        if self.ch % g or any((self.ch * m) % g for m in self.ch_mult):
             raise UserError(f"ch={self.ch} with ch_mult={list(self.ch_mult)} gives a width that is not a "
-                            "multiple of 32, which GroupNorm(32) needs: choose --ch as a multiple of 32.")
+                            f"multiple of {g}, which GroupNorm({g}) needs: choose --ch as a multiple of {g} "
+                            "(or --norm-groups to divide every width).")
         if self.resolution % self.downsample_factor:
             raise UserError(f"image size {self.resolution} is not divisible by the downsampling factor "
                             f"{self.downsample_factor} (2^(len(ch_mult)-1)): choose --image-size as a multiple "
@@ -152,7 +155,8 @@ class RunConfig:
     precision: str = option("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = option("auto", "torch device; auto = cuda when available, else cpu")
     resume: Optional[str] = option(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
-    tensorboard: bool = option(False, "also write TensorBoard events (needs the tensorboard package)")
+    tensorboard: bool = option(False, "also write TensorBoard events: metrics, validation figures and sample grids")
+    wandb: Optional[str] = option(None, "also log to this Weights & Biases project (needs pip install wandb); a resumed run continues the same W&B run")
     compile: bool = option(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT)")
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
     max_bad_steps: int = option(20, "stop (after saving) when this many steps in a row had non-finite losses or gradients; each is skipped")

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from checkpoint import last_checkpoint, resume_path, save_checkpoint
+from config import config_to_dict
 from distributed import is_main_process
 from errors import EnvironmentFault, UserError
 from utils import warn
@@ -72,17 +74,30 @@ class RunLock:
             self.owned = False
 
 
-class RunFolder:
-    """config.json, checkpoints/last.pt + numbered snapshots, samples/, metrics.jsonl and
-    optional TensorBoard events, written by rank 0 under the folder's RunLock. A context manager:
-    leaving it closes the event file and releases the lock."""
+def import_wandb():
+    """The wandb package, imported only when --wandb asks for it; a clear message when missing."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb (and wandb login), or drop --wandb.") from None
+    return wandb
 
-    def __init__(self, root: str, config: dict, tensorboard: bool = False, keep: int = 3, resuming: bool = False):
+
+class RunFolder:
+    """config.json, checkpoints/last.pt + numbered snapshots, samples/, metrics.jsonl, and
+    optionally TensorBoard events and a Weights & Biases run (metrics and sample grids in both),
+    written by rank 0 under the folder's RunLock. A context manager: leaving it closes the event
+    file and the W&B run and releases the lock."""
+
+    def __init__(self, root: str, config: dict, tensorboard: bool = False, keep: int = 3, resuming: bool = False,
+                 wandb_project: Optional[str] = None):
         self.root, self.keep = Path(root), keep
         self.ckpt_dir, self.sample_dir = self.root / "checkpoints", self.root / "samples"
         self.tb, self.lock, self.saved_step, self._log_failed = None, RunLock(root), None, False
+        self.wandb = None
         if not is_main_process():
             return
+        wandb = import_wandb() if wandb_project else None  # before anything is written
         try:
             self.lock.acquire()
             if not resuming and self.last.exists():  # another run finished here since this one's start-up checks
@@ -101,6 +116,22 @@ class RunFolder:
                 self.tb = SummaryWriter(str(self.root / "tensorboard"))
             except ImportError:
                 warn("--tensorboard needs the tensorboard package (pip install tensorboard); logging to metrics.jsonl only.")
+        if wandb is not None:
+            self.wandb = wandb
+            self._start_wandb(wandb_project, config)
+
+    @classmethod
+    def of(cls, cfg, resuming: bool) -> "RunFolder":
+        """The run folder of a training config (either stage's)."""
+        return cls(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints, resuming, cfg.wandb)
+
+    def _start_wandb(self, project: str, config: dict) -> None:
+        """A W&B run whose id is kept in the run folder, so a resumed run continues the same one."""
+        id_file = self.root / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        self.wandb.init(project=project, id=run_id, resume="allow", name=self.root.name, config=config,
+                        dir=str(self.root))
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -124,10 +155,23 @@ class RunFolder:
             if not self._log_failed:
                 warn(f"cannot append to {self.root / 'metrics.jsonl'} ({e.strerror}); training goes on.")
             self._log_failed = True
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def save_samples(self, rows: Sequence[torch.Tensor], step: int) -> Path:
+        """samples/step_XXXXXXX.png (one row per tensor of images in [-1, 1]), also sent to
+        TensorBoard and W&B as the image 'samples' of this step."""
+        path = self.sample_dir / f"step_{step:07d}.png"
+        grid = save_sample_grid(rows, path)
+        if self.tb is not None:
+            self.tb.add_image("samples", grid, step)
+        if self.wandb is not None:
+            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=step)
+        return path
 
     def save(self, checkpoint: dict, step: int) -> None:
         """Write last.pt atomically and keep it as snapshot step_XXXXXXX.pt (a hard link, so no
@@ -160,13 +204,19 @@ class RunFolder:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         self.lock.release()
 
 
 @torch.no_grad()
-def save_sample_grid(rows: Sequence[torch.Tensor], path) -> None:
-    """Save images in [-1, 1] as a grid, one row per tensor (e.g. inputs above reconstructions)."""
-    from torchvision.utils import save_image
+def save_sample_grid(rows: Sequence[torch.Tensor], path) -> torch.Tensor:
+    """Save images in [-1, 1] as a grid, one row per tensor (e.g. inputs above reconstructions);
+    returns the grid (3, H, W) in [0, 1]."""
+    from torchvision.utils import make_grid, save_image
 
     images = torch.cat([r.detach().float().cpu() for r in rows])
-    save_image((images.clamp(-1, 1) + 1) / 2, str(path), nrow=rows[0].shape[0], padding=2)
+    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=rows[0].shape[0], padding=2)
+    save_image(grid, str(path))
+    return grid

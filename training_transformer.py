@@ -32,7 +32,7 @@ from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loade
 from distributed import DistInfo, all_finite, is_main_process, setup_distributed
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape
-from runfolder import RunFolder, RunLock, save_sample_grid
+from runfolder import RunFolder, RunLock
 from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch,
                    interactive, log, lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr,
                    seed_everything, train_loop, warn)
@@ -155,8 +155,8 @@ def evaluate_loss(s: Stage2, loader, max_batches: int = 0) -> Optional[float]:
 
 
 @torch.no_grad()
-def sample_grid(s: Stage2, images: torch.Tensor, labels: Optional[torch.Tensor], path,
-                generator: torch.Generator) -> None:
+def sample_grid(s: Stage2, images: torch.Tensor, labels: Optional[torch.Tensor], generator: torch.Generator
+                ) -> list[torch.Tensor]:
     """Rows: inputs, their reconstructions, completions of their top halves (with their own
     classes), new samples (one class per column, cycling, when conditional)."""
     cfg, model = s.cfg, s.model
@@ -169,7 +169,7 @@ def sample_grid(s: Stage2, images: torch.Tensor, labels: Optional[torch.Tensor],
     new = model.sample(n, torch.arange(n) % len(model.classes) if model.conditional else None, **opts)
     rows = [images, model.indices_to_images(indices), model.indices_to_images(half), model.indices_to_images(new)]
     model.train()
-    save_sample_grid(rows, path)
+    return rows
 
 
 def checkpoint_dict(s: Stage2, step: int) -> dict:
@@ -260,8 +260,7 @@ def main(cfg: TrainTransformerConfig) -> dict:
             val_ds = encode_dataset(model, val_ds, cfg.batch_size, cfg.num_workers, device) if len(val_ds) else val_ds
             description += f"; tokens cached ({len(train_ds)} x {mc.latent_size}x{mc.latent_size})"
         # Every check has passed: only now is the run folder written (and locked).
-        run = scope.enter_context(RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints,
-                                            resuming=resumed is not None))
+        run = scope.enter_context(RunFolder.of(cfg, resuming=resumed is not None))
         skip_log.start_writing()
         val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
         fixed = fixed.to(device)
@@ -282,7 +281,7 @@ def main(cfg: TrainTransformerConfig) -> dict:
             if val is not None:
                 run.log_metrics(at, {"val_loss": val})
             with autocast(device, s.amp_dtype):
-                sample_grid(s, fixed, fixed_labels, run.sample_dir / f"step_{at:07d}.png", generator)
+                run.save_samples(sample_grid(s, fixed, fixed_labels, generator), at)
             return {}
 
         model.train()

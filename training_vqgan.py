@@ -36,7 +36,7 @@ from losses import (LossWeights, backward_fused, discriminator_logits, discrimin
                     generator_terms)
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
-from runfolder import RunFolder, RunLock, save_sample_grid
+from runfolder import RunFolder, RunLock
 from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch, log,
                    lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr, seed_everything,
                    train_loop, warn)
@@ -349,8 +349,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
         s = build_stage1(cfg, device, perceptual, total_steps, dist_info)
         step = restore(s, resumed, resume) if resumed else 0
         # Every check has passed: only now is the run folder written (and locked).
-        run = scope.enter_context(RunFolder(cfg.output_dir, config_to_dict(cfg), cfg.tensorboard, cfg.keep_checkpoints,
-                                            resuming=resumed is not None))
+        run = scope.enter_context(RunFolder.of(cfg, resuming=resumed is not None))
         skip_log.start_writing()
         val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
         fixed = fixed_images(train_ds, val_ds, 8).to(device)
@@ -382,7 +381,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
                 s.model.eval()
                 rec = s.model(fixed).x_rec
                 s.model.train()
-            save_sample_grid([fixed, rec], run.sample_dir / f"step_{at:07d}.png")
+            run.save_samples([fixed, rec], at)
             psnr_after[0] = evaluate_psnr(s, val_loader, cfg.val_batches)
             return {} if psnr_after[0] is None else {"val_psnr": psnr_after[0]}
 

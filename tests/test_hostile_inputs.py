@@ -3,11 +3,9 @@ ends in one `error:` line naming the problem and the fix (exit 2; 1 for a fault 
 before any work for what can be checked, without losing trained steps or reporting false success."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -149,7 +147,7 @@ def test_a_failing_evaluation_costs_no_trained_step(images, tmp_path, cli, monke
     def broken_grid(*args, **kwargs):
         raise RuntimeError("the grid cannot be drawn")
 
-    monkeypatch.setattr(training_vqgan, "save_sample_grid", broken_grid)
+    monkeypatch.setattr("runfolder.save_sample_grid", broken_grid)
     out = tmp_path / "run"
     r = cli("training_vqgan", *stage1_args(images, out, "--max-steps", "4", "--sample-every", "2", "--save-every", "2"))
     assert r.returncode == 0, r.stderr

@@ -1,7 +1,10 @@
 """runfolder.py and utils.py: the run folder, the learning-rate schedule, the shared training loop."""
+import sys
+
 import pytest
 
 from checkpoint import load_checkpoint
+from conftest import TINY_FLAGS, assert_user_error
 from runfolder import RunFolder
 from utils import lr_at
 
@@ -38,3 +41,67 @@ def test_progress_line():
                          ("rec_loss", "usage", "missing"), "images_per_s", 3725.4)
     assert line == "step 50/950 | rec_loss 0.4123 usage 0.25 | 21.4 images/s | ETA 1:02:05"
     assert progress_line(1, 2, {"r_per_s": 1.0}, (), "r_per_s", 59.6).endswith("ETA 1:00")
+
+
+def stage1(images, out, *extra):
+    return ["--dataset-path", images, "--output-dir", out, *TINY_FLAGS, "--log-every", "1", "--sample-every", "2",
+            "--val-fraction", "0.2", *extra]
+
+
+def test_tensorboard_gets_metrics_validation_and_sample_grids(images, tmp_path, cli):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    r = cli("training_vqgan", *stage1(images, out, "--max-steps", "2", "--tensorboard"))
+    assert r.returncode == 0, r.stderr
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "samples" in events.Tags()["images"]
+    (image,) = events.Images("samples")
+    assert image.step == 2 and image.encoded_image_string.startswith(b"\x89PNG")
+    assert [e.step for e in events.Scalars("rec_loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("val_psnr")] == [2]
+
+
+class WandbStandIn:
+    """What the training scripts call of wandb, recorded (the real package talks to a server)."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+
+    def log(self, data, step):
+        self.logged.append((step, data))
+
+    def Image(self, path):  # noqa: N802 (wandb's name)
+        return ("image", path)
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_receives_metrics_and_images_and_a_resume_continues_its_run(images, tmp_path, cli, monkeypatch):
+    wandb = WandbStandIn()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    out = tmp_path / "run"
+    r = cli("training_vqgan", *stage1(images, out, "--max-steps", "2", "--wandb", "my-project"))
+    assert r.returncode == 0, r.stderr
+    (first,) = wandb.inits
+    assert first["project"] == "my-project" and first["resume"] == "allow" and first["config"]["wandb"] == "my-project"
+    images_logged = [(step, d["samples"]) for step, d in wandb.logged if "samples" in d]
+    assert images_logged == [(2, ("image", str(out / "samples" / "step_0000002.png")))]
+    assert [step for step, d in wandb.logged if "rec_loss" in d] == [1, 2]
+    assert any("val_psnr" in d for _, d in wandb.logged) and wandb.finished == 1
+    r = cli("training_vqgan", *stage1(images, out, "--max-steps", "4", "--wandb", "my-project", "--resume", "latest"))
+    assert r.returncode == 0, r.stderr
+    assert wandb.inits[1]["id"] == first["id"]  # the same W&B run continues
+    assert [step for step, d in wandb.logged if "rec_loss" in d] == [1, 2, 3, 4]
+
+
+def test_wandb_missing_is_one_message_and_nothing_written(images, tmp_path, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    out = tmp_path / "run"
+    assert_user_error(cli("training_vqgan", *stage1(images, out, "--max-steps", "2", "--wandb", "p")), "pip install wandb")
+    assert not out.exists()
