@@ -292,6 +292,44 @@ def last_checkpoint(run_dir) -> Path:
     return Path(run_dir) / "checkpoints" / "last.pt"
 
 
+def resume_target(output_dir: str, resume: str, output_dir_given: bool) -> tuple[Optional[Path], str]:
+    """Where --resume points: (checkpoint, run folder to write to). 'latest': OUTPUT_DIR's last.pt
+    (an error when there is none); 'auto': the same, or (None, OUTPUT_DIR) for a new run when the
+    folder holds no checkpoint yet; a run folder: its last.pt; a checkpoint file: that file, and
+    its run folder when it lies in one's checkpoints/ (unless --output-dir was given)."""
+    if resume in ("latest", "auto"):
+        last = last_checkpoint(output_dir)
+        if last.exists() or resume == "auto":
+            return (last if last.exists() else None), output_dir
+        raise UserError(f"--resume latest: {output_dir} holds no checkpoint ({last} does not exist). Check "
+                        "--output-dir, or use --resume auto, which starts a new run when there is none.")
+    path = Path(resume)
+    folder: Optional[Path] = None
+    if path.is_dir():
+        folder, path = path, last_checkpoint(path)
+        if not path.exists():
+            raise UserError(f"--resume {resume}: the folder holds no checkpoints/last.pt; give a run folder or a "
+                            "checkpoint file.")
+    elif path.parent.name == "checkpoints":
+        folder = path.parent.parent
+    return path, (output_dir if output_dir_given or folder is None else str(folder))
+
+
+def saved_run(path, kind: str, script: str) -> tuple[dict, int]:
+    """The training config and step a training checkpoint of `kind` records. Memory-mapped, so the
+    tensors are not read; a file that is no torch checkpoint gets load_checkpoint's message."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind or not isinstance(ckpt.get("train_config"), dict):
+        stage = "stage-1" if kind == "vqgan" else "stage-2"
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path} is not a {stage} training checkpoint (kind '{found}'): --resume takes a checkpoint "
+                        f"written by {script}.")
+    return ckpt["train_config"], ckpt.get("step", 0)
+
+
 def resume_path(run_dir, resume: Optional[str]) -> Optional[str]:
     """The checkpoint to resume from ('latest': the run folder's last.pt), or None for a new run.
     A new run may not overwrite a folder that already holds a checkpoint."""

@@ -1,20 +1,20 @@
 """Configuration: dataclasses for the models and the training runs, named presets, the demo's
-settings, and how a run's config is put together from them (the flags themselves: flags.py).
+settings, and how a run's config is put together from them (make_config; the flags themselves:
+flags.py; a command line with --config or --resume: runconfig.py).
 
 Stdlib only. Precedence when building a run's config: dataclass defaults < preset < the demo's
 settings (only when no dataset is given) < flags given on the command line.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import ClassVar, Optional
 
 from errors import UserError
-from flags import add_fields, flag_name, given_values, option
+from flags import flag_name, option
 
 
 def check_finite(cfg) -> None:
@@ -41,7 +41,6 @@ class VQGANConfig:
     num_res_blocks: int = option(2, "ResnetBlocks per encoder level (the decoder has one more)")
     attn_resolutions: tuple[int, ...] = option((16,), "feature-map sides, counted from --resolution, that get self-attention")
     dropout: float = option(0.0, "dropout inside ResnetBlocks")
-    norm_groups: int = option(32, "GroupNorm groups in encoder and decoder (the reference: 32; fewer keep more than one channel per group at narrow widths)")
     in_channels: int = option(3, "channels of input images (1 or 3)")
     out_channels: int = option(3, "channels of reconstructed images")
     resolution: int = option(256, "training image side in pixels; also places attention")
@@ -66,7 +65,7 @@ class VQGANConfig:
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise UserError(f"--ch-mult {' '.join(map(str, self.ch_mult))} is invalid: give one positive "
                             "multiplier per level, e.g. --ch-mult 1 2 4.")
-        require(self, dict(ch=1, norm_groups=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
+        require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
                             embed_dim=1, n_embed=1, beta=0.0, dropout=0.0, gumbel_kl_weight=0.0, codebook_dim=0,
                             codebook_ema=0.0, codebook_restart_after=0, codebook_entropy_weight=0.0))
         if not self.codebook_ema < 1.0:
@@ -78,11 +77,9 @@ class VQGANConfig:
         if self.quantizer == "gumbel" and self.z_channels != self.embed_dim:
             raise UserError("the Gumbel quantizer reads quant_conv's output with z_channels inputs, as in the "
                             "reference: make --z-channels equal to --embed-dim.")
-        g = self.norm_groups
-        if self.ch % g or any((self.ch * m) % g for m in self.ch_mult):
+        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
             raise UserError(f"ch={self.ch} with ch_mult={list(self.ch_mult)} gives a width that is not a "
-                            f"multiple of {g}, which GroupNorm({g}) needs: choose --ch as a multiple of {g} "
-                            "(or --norm-groups to divide every width).")
+                            "multiple of 32, which GroupNorm(32) needs: choose --ch as a multiple of 32.")
         if self.resolution % self.downsample_factor:
             raise UserError(f"image size {self.resolution} is not divisible by the downsampling factor "
                             f"{self.downsample_factor} (2^(len(ch_mult)-1)): choose --image-size as a multiple "
@@ -154,12 +151,14 @@ class RunConfig:
     keep_checkpoints: int = option(3, "numbered snapshots kept besides last.pt")
     precision: str = option("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = option("auto", "torch device; auto = cuda when available, else cpu")
-    resume: Optional[str] = option(None, "checkpoint to resume from, or 'latest' for OUTPUT_DIR/checkpoints/last.pt")
+    resume: Optional[str] = option(None, "continue a run from its checkpoint, with its saved configuration: 'latest' (OUTPUT_DIR's last.pt), 'auto' (that, or a new run when there is none), a run folder or a checkpoint file; flags given override training settings only")
     tensorboard: bool = option(False, "also write TensorBoard events: metrics, validation figures and sample grids")
     wandb: Optional[str] = option(None, "also log to this Weights & Biases project (needs pip install wandb); a resumed run continues the same W&B run")
     compile: bool = option(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT)")
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
     max_bad_steps: int = option(20, "stop (after saving) when this many steps in a row had non-finite losses or gradients; each is skipped")
+    # Not a flag: what each resume changed ({"step": N, "changed": {field: [before, after]}}), kept in config.json.
+    history: list = field(default_factory=list, metadata=dict(derived=True))
 
     def __post_init__(self):
         check_finite(self)
@@ -179,6 +178,8 @@ class RunConfig:
 @dataclass
 class TrainVQGANConfig(RunConfig):
     """A stage-1 training run (training_vqgan.py)."""
+    checkpoint_kind: ClassVar[str] = "vqgan"  # what its checkpoints record as their kind
+    script: ClassVar[str] = "training_vqgan.py"
     disc_start: int = option(10000, "step at which the discriminator and the GAN loss switch on")
     disc_factor: float = option(1.0, "weight of the GAN losses once the discriminator is on")
     disc_weight: float = option(0.8, "multiplies the adaptive weight lambda (the reference's disc_weight)")
@@ -227,6 +228,8 @@ class TrainVQGANConfig(RunConfig):
 @dataclass
 class TrainTransformerConfig(RunConfig):
     """A stage-2 training run (training_transformer.py)."""
+    checkpoint_kind: ClassVar[str] = "transformer"
+    script: ClassVar[str] = "training_transformer.py"
     vqgan_checkpoint: Optional[str] = option(None, "stage-1 checkpoint, ours or a taming-transformers VQGAN .ckpt, or a stage-2 checkpoint (its VQGAN) (default: runs/vqgan/checkpoints/last.pt, the demo's)")
     vqgan_config: Optional[str] = option(None, "YAML config of a taming-transformers --vqgan-checkpoint (default: infer the architecture from its weights)")
     conditional: bool = option(False, "class-conditional: one class per first-level subfolder of --dataset-path")
@@ -323,6 +326,11 @@ def make_config(train_cls, model_cls, given: dict, presets: dict[str, Preset], d
             raise UserError(f"unknown preset '{name}': choose one of {', '.join(presets)}.")
         values = {**presets[name].model, **presets[name].run, **values}
     values.update(given)
+    return build_config(train_cls, model_cls, values)
+
+
+def build_config(train_cls, model_cls, values: dict):
+    """Training and model config from one flat mapping of field names; unknown names are an error."""
     model_names = {f.name for f in fields(model_cls)}
     train_names = {f.name for f in fields(train_cls)} - {"model"}
     unknown = set(values) - model_names - train_names
@@ -330,25 +338,6 @@ def make_config(train_cls, model_cls, given: dict, presets: dict[str, Preset], d
         raise UserError(f"unknown configuration field(s): {', '.join(sorted(unknown))}.")
     model_cfg = model_cls(**{k: v for k, v in values.items() if k in model_names})
     return train_cls(**{k: v for k, v in values.items() if k in train_names}, model=model_cfg)
-
-
-def _parse_training(train_cls, model_cls, presets, demo, description, argv):
-    parser = argparse.ArgumentParser(description=description, epilog=f"Presets: {', '.join(presets)}. A preset sets "
-                                     "defaults; flags override it. Without --dataset-path the demo's settings apply "
-                                     f"too: {', '.join(f'{k}={v}' for k, v in demo.items())}.")
-    add_fields(parser, train_cls, "training")
-    add_fields(parser, model_cls, "model")
-    return make_config(train_cls, model_cls, given_values(parser.parse_args(argv)), presets, demo)
-
-
-def parse_train_vqgan(argv: Optional[list[str]] = None) -> TrainVQGANConfig:
-    return _parse_training(TrainVQGANConfig, VQGANConfig, PRESETS, DEMO_VQGAN,
-                           "Stage 1: train a VQGAN image tokenizer (Esser et al. 2021) on a folder of images.", argv)
-
-
-def parse_train_transformer(argv: Optional[list[str]] = None) -> TrainTransformerConfig:
-    return _parse_training(TrainTransformerConfig, GPTConfig, GPT_PRESETS, DEMO_TRANSFORMER,
-                           "Stage 2: train a GPT over the codes of a trained VQGAN (Esser et al. 2021).", argv)
 
 
 # ----------------------------------------------------------------------------- plain values

@@ -2,7 +2,6 @@
 (B, z_channels, h, w) back to images (B, out_channels, h*f, w*f). Parameter names follow the
 reference; note its storage order: `up.0` is the highest-resolution level although it runs last.
 """
-import functools
 from typing import Sequence
 
 import torch
@@ -14,19 +13,17 @@ from helper import AttnBlock, Normalize, ResnetBlock, Upsample, swish
 class Decoder(nn.Module):
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int], out_channels: int, resolution: int,
-                 z_channels: int, dropout: float = 0.0, norm_groups: int = 32):
+                 z_channels: int, dropout: float = 0.0):
         super().__init__()
-        block = functools.partial(ResnetBlock, dropout=dropout, norm_groups=norm_groups)
-        attn = functools.partial(AttnBlock, norm_groups=norm_groups)
         num_levels = len(ch_mult)
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (num_levels - 1)
 
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, stride=1, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = block(in_channels=block_in, out_channels=block_in)
-        self.mid.attn_1 = attn(in_channels=block_in)
-        self.mid.block_2 = block(in_channels=block_in, out_channels=block_in)
+        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
+        self.mid.attn_1 = AttnBlock(in_channels=block_in)
+        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
 
         levels = [None] * num_levels
         for i_level in reversed(range(num_levels)):  # built lowest resolution first, as it runs
@@ -34,17 +31,17 @@ class Decoder(nn.Module):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                level.block.append(block(in_channels=block_in, out_channels=block_out))
+                level.block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(attn(in_channels=block_in))
+                    level.attn.append(AttnBlock(in_channels=block_in))
             if i_level != 0:
                 level.upsample = Upsample(in_channels=block_in)
                 curr_res *= 2
             levels[i_level] = level
         self.up = nn.ModuleList(levels)  # stored highest resolution first (reference order)
 
-        self.norm_out = Normalize(block_in, norm_groups)
+        self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, stride=1, padding=1)
 
     def compile_trunk(self) -> None:

@@ -22,22 +22,20 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
-def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm, 32 groups in the reference (VQGANConfig.norm_groups). A group of one channel
-    normalizes that channel's mean over the image away."""
-    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+def Normalize(in_channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """norm -> swish -> conv -> norm -> swish -> dropout -> conv, plus a skip (1x1 conv when the
     width changes). The reference's time-embedding branch is absent: VQGAN never uses it."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = 32):
+    def __init__(self, *, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = Normalize(in_channels, norm_groups)
+        self.norm1 = Normalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels, norm_groups)
+        self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -56,9 +54,9 @@ class AttnBlock(nn.Module):
     The reference builds the (hw x hw) attention matrix by hand; scaled_dot_product_attention
     computes the same softmax(q k^T / sqrt(c)) v but lets PyTorch pick a fused kernel."""
 
-    def __init__(self, *, in_channels: int, norm_groups: int = 32):
+    def __init__(self, *, in_channels: int):
         super().__init__()
-        self.norm = Normalize(in_channels, norm_groups)
+        self.norm = Normalize(in_channels)
         self.q = nn.Conv2d(in_channels, in_channels, 1)
         self.k = nn.Conv2d(in_channels, in_channels, 1)
         self.v = nn.Conv2d(in_channels, in_channels, 1)

@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, resume_path,
                         run_rng_state, set_run_rng_state)
-from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict, parse_train_transformer
+from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loader, training_batches
 from distributed import DistInfo, all_finite, is_main_process, setup_distributed
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape
+from runconfig import parse_train_transformer
 from runfolder import RunFolder, RunLock
 from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch,
                    interactive, log, lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr,

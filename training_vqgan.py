@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, resume_path,
                         run_rng_state, set_run_rng_state)
 from codebook import CodebookStats, CodebookUsage
-from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_from_dict, parse_train_vqgan
+from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loader, training_batches
 from discriminator import NLayerDiscriminator
 from distributed import DistInfo, all_finite, barrier, is_main_process, setup_distributed
@@ -36,6 +36,7 @@ from losses import (LossWeights, backward_fused, discriminator_logits, discrimin
                     generator_terms)
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
+from runconfig import parse_train_vqgan
 from runfolder import RunFolder, RunLock
 from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch, log,
                    lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr, seed_everything,

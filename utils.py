@@ -286,18 +286,20 @@ class TrainingGuard:
         if not stop:
             return False
         log(f"stopped by {self.signal or 'a signal on another process'} at step {step}; checkpoint {self.run.last}.\n"
-            f"Resume with: {resume_command()}")
+            f"Resume with: {resume_command(self.cfg.output_dir)}")
         return True
 
 
-def resume_command() -> str:
-    """The command line of this run with --resume latest (for the message after a stop)."""
-    args = list(sys.argv)
-    if "--resume" in args:
-        i = args.index("--resume")
-        del args[i:i + 2]
-    args = [a for a in args if not a.startswith("--resume=")]
-    return " ".join(shlex.quote(a) for a in ["python", *args, "--resume", "latest"])
+def resume_command(output_dir: str) -> str:
+    """How to continue this run after a stop: its launcher (python, or torchrun with its process
+    counts), the script, the run folder and --resume latest. Nothing else is needed: the run's
+    configuration comes back from its checkpoint."""
+    launcher = ["python"]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = int(os.environ.get("WORLD_SIZE", str(per_node))) // per_node
+        launcher = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc-per-node={per_node}"]
+    return " ".join(shlex.quote(a) for a in [*launcher, sys.argv[0], "--output-dir", str(output_dir), "--resume", "latest"])
 
 
 # ------------------------------------------------------------------------------ the loop

@@ -44,7 +44,7 @@ class VQGAN(nn.Module):
         self.config = config
         arch = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
                     attn_resolutions=config.attn_resolutions, resolution=config.resolution,
-                    z_channels=config.z_channels, dropout=config.dropout, norm_groups=config.norm_groups)
+                    z_channels=config.z_channels, dropout=config.dropout)
         self.encoder = Encoder(in_channels=config.in_channels, **arch)
         self.decoder = Decoder(out_channels=config.out_channels, **arch)
         if config.quantizer == "gumbel":  # the reference feeds it quant_conv's output, sized z_channels

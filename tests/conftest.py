@@ -108,6 +108,22 @@ def assert_user_error(result: Result, expected: str) -> None:
     assert len(errors) == 1, result.stderr[-2000:]
 
 
+def assert_same_state(a, b, path=""):
+    """Nested dicts/lists of tensors and plain values equal exactly (tensors bit for bit)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
 # ------------------------------------------------------------------- checkpoints made once
 @dataclass
 class Run:
@@ -137,7 +153,7 @@ def vqgan_run(images, tmp_path_factory) -> Run:
     snapshots at steps 2 and 3, one sample grid), shared by the whole test session: copy it
     (copy_run) before changing it."""
     import training_vqgan
-    from config import parse_train_vqgan
+    from runconfig import parse_train_vqgan
 
     out = tmp_path_factory.mktemp("vqgan_run") / "run"
     logs = run_in_process(training_vqgan.main, parse_train_vqgan([
@@ -150,7 +166,7 @@ def vqgan_run(images, tmp_path_factory) -> Run:
 def transformer_run(images, vqgan_run, tmp_path_factory) -> Run:
     """A conditional stage-2 run folder (2 classes, 3 steps) over vqgan_run's checkpoint."""
     import training_transformer
-    from config import parse_train_transformer
+    from runconfig import parse_train_transformer
 
     out = tmp_path_factory.mktemp("transformer_run") / "run"
     logs = run_in_process(training_transformer.main, parse_train_transformer([

@@ -138,7 +138,7 @@ def test_an_exception_on_one_rank_ends_the_job_without_a_hang(images, tmp_path):
         "import os, sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "import training_vqgan\n"
-        "from config import parse_train_vqgan\n"
+        "from runconfig import parse_train_vqgan\n"
         "from utils import run_cli\n"
         "real = training_vqgan.train_step\n"
         "def failing(s, x, step):\n"

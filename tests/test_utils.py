@@ -105,3 +105,18 @@ def test_wandb_missing_is_one_message_and_nothing_written(images, tmp_path, cli,
     out = tmp_path / "run"
     assert_user_error(cli("training_vqgan", *stage1(images, out, "--max-steps", "2", "--wandb", "p")), "pip install wandb")
     assert not out.exists()
+
+
+def test_the_resume_command_repeats_the_launcher(monkeypatch):
+    from utils import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["training_vqgan.py", "--dataset-path", "d", "--lr", "1"])
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert resume_command("runs/a b") == "python training_vqgan.py --output-dir 'runs/a b' --resume latest"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resume_command("r") == "torchrun --nproc-per-node=4 training_vqgan.py --output-dir r --resume latest"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert resume_command("r").startswith("torchrun --nnodes=2 --nproc-per-node=4 training_vqgan.py")
