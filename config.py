@@ -130,6 +130,8 @@ class RunConfig:
     give these other defaults."""
     dataset_path: Optional[str] = option(None, "folder of training images, searched recursively; omit to train on the built-in demo photographs")
     output_dir: str = option("runs/vqgan", "run folder: config.json, checkpoints/, samples/, metrics.jsonl")
+    file_list: Optional[str] = option(None, "text file naming the training images, one per line (relative to --dataset-path unless absolute), instead of searching the folder")
+    val_dataset_path: Optional[str] = option(None, "folder of validation images (default: --val-fraction of the training images)")
     preset: Optional[str] = option(None, "named configuration to start from (the list is at the end of --help)")
     batch_size: int = option(8, "samples per micro-batch and process")
     learning_rate: float = option(2.25e-05, "learning rate (its peak, with warmup or cosine decay)")

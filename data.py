@@ -1,169 +1,23 @@
 """Image data for both stages (Esser et al. 2021 train on image folders; the demo uses
-photographs bundled with scikit-image): scanning and decoding image files, the albumentations
-pipeline, a dataset whose augmentation is seeded per (epoch, index), the epoch-seeded sampler,
-data loaders, the demo photographs and the train/validation split.
+photographs bundled with scikit-image): the albumentations pipeline, a dataset whose augmentation
+is seeded per (epoch, index), the epoch-seeded sampler, data loaders, the demo photographs and the
+train/validation split. Finding and checking the files of a folder: imagefiles.py.
 """
 from __future__ import annotations
 
 import os
 import random
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from errors import UserError
+from imagefiles import BAD_IMAGE_ERRORS, FileIndex, SkipLog, check_images, list_images, load_image
 from utils import warn
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
-PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # the only decoders we let open a file
-# Pillow raises the bomb *error* above twice its pixel limit and only warns between one and two
-# times; we make the warning an error too (see _open), so every image over the limit is skipped.
-BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning)
-
-
-class SkipLog:
-    """The run folder's skipped_files.txt: one 'path<TAB>reason' line per file that could not
-    be used, each file listed once even when several data-loading workers or processes meet it
-    (the file is appended under an exclusive lock). It only remembers until start_writing() is
-    called, once the run's checks have passed: a start that fails writes nothing."""
-
-    def __init__(self, path=None):
-        self.path = None if path is None else Path(path)
-        self.seen: dict[str, str] = {}  # file -> reason
-        self.scanned = 0  # image files found in the dataset folder (set by check_images)
-        self.writing = False
-
-    def start_writing(self) -> None:
-        """From now on entries go to the file; the ones met so far first."""
-        self.writing = self.path is not None
-        for file, reason in list(self.seen.items()):
-            self._write(file, reason)
-
-    def add(self, file: str, reason: str) -> bool:
-        """Record a bad file; True the first time this process sees it (warn then)."""
-        if file in self.seen:
-            return False
-        self.seen[file] = reason
-        self._write(file, reason)
-        return True
-
-    def _write(self, file: str, reason: str) -> None:
-        if not self.writing:
-            return
-        import fcntl
-
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a+") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                f.seek(0)
-                if file not in {line.split("\t", 1)[0] for line in f}:
-                    f.write(f"{file}\t{reason}\n")
-        except OSError as e:  # the list is a convenience: a full disk must not stop the data loading
-            warn(f"cannot add {file} to {self.path} ({e.strerror}).")
-
-    def too_many(self, n_bad: int, max_bad_fraction: float) -> Optional[str]:
-        """The error message when n_bad of the scanned files is more than max_bad_fraction."""
-        if self.scanned and n_bad / self.scanned > max_bad_fraction:
-            return bad_fraction_message(n_bad, self.scanned, max_bad_fraction, self.path or "the warnings above")
-        return None
-
-    def count(self) -> int:
-        """Files listed so far (by every process), or seen by this one without a file."""
-        if self.path is None or not self.path.exists():
-            return len(self.seen)
-        with open(self.path) as f:
-            return sum(1 for _ in f)
-
-
-def bad_fraction_message(n_bad: int, n_total: int, max_bad_fraction: float, where) -> str:
-    return (f"{n_bad} of {n_total} image files could not be used ({100 * n_bad / n_total:.1f}%, more than "
-            f"--max-bad-fraction {max_bad_fraction:g}); they are listed in {where}. Fix or remove them, or raise "
-            "--max-bad-fraction.")
-
-
-def _open(path: str):
-    """Image.open limited to known formats, with Pillow's decompression-bomb warning as an error."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(path, formats=PIL_FORMATS)
-
-
-def to_rgb_array(img: Image.Image) -> np.ndarray:
-    """Any Pillow image -> (H, W, 3) uint8 RGB: EXIF orientation applied, transparency
-    composited on white, 16-bit and float greyscale scaled (not clipped) to 8 bits."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16") or img.mode == "I":
-        # 16-bit greyscale (PNG/TIFF); Pillow's convert("RGB") would clip everything above 255.
-        grey = np.asarray(img, dtype=np.float64) / 257.0
-        return np.repeat(np.clip(grey, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
-    if img.mode == "F":
-        grey = np.asarray(img, dtype=np.float64)
-        grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey
-        return np.repeat(np.clip(grey, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(img.convert("RGB"))  # L, 1, P, CMYK, YCbCr, RGB
-
-
-def load_image(path: str) -> np.ndarray:
-    with _open(path) as img:
-        img.load()  # decodes fully here, so truncated files fail now
-        return to_rgb_array(img)
-
-
-def scan_images(root: str) -> list[str]:
-    """All files under root with an image extension, recursively, sorted. A missing folder or
-    one without image files is a UserError."""
-    if not os.path.isdir(root):
-        raise UserError(f"--dataset-path {root} is not a folder: give the folder that holds your images.")
-    paths = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not paths:
-        raise UserError(f"--dataset-path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
-                        "searched recursively: point it at the folder with your images.")
-    return paths
-
-
-def _header_problem(path: str) -> Optional[str]:
-    try:
-        with _open(path) as img:
-            img.size  # header only: cheap; full decode errors are caught when loading
-        return None
-    except BAD_IMAGE_ERRORS as e:
-        return f"{type(e).__name__}: {e}"
-
-
-def check_images(paths: Sequence[str], skip_log: Optional[SkipLog] = None, max_bad_fraction: float = 1.0) -> list[str]:
-    """Drop files whose header Pillow cannot read (not an image, empty, an unsupported format,
-    over the decompression-bomb limit), with one warning naming each; list them in skip_log.
-    Too many bad files (over max_bad_fraction) is a UserError."""
-    skip_log = skip_log if skip_log is not None else SkipLog()
-    skip_log.scanned = len(paths)
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        problems = list(pool.map(_header_problem, paths))
-    good = []
-    for path, problem in zip(paths, problems):
-        if problem is None:
-            good.append(path)
-        elif skip_log.add(path, problem):
-            warn(f"skipping {path}: not a readable image ({problem})")
-    if not good:
-        raise UserError(f"none of the {len(paths)} image files could be read; check the files in the dataset folder.")
-    problem = skip_log.too_many(len(paths) - len(good), max_bad_fraction)
-    if problem:
-        raise UserError(problem)
-    return good
-
 
 def build_transform(size: int, train: bool, flip: bool = False, resize: bool = True, color: bool = False):
     """Shortest side to `size` (unless resize=False), then a random (train) or center (val)
@@ -350,17 +204,22 @@ def class_names(paths: Sequence[str], root: str) -> list[str]:
 
 def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: bool, val_fraction: float,
                    seed: int, augment: bool = True, classes: Optional[list[str]] = None, demo_length: int = 2048,
-                   skip_log: Optional[SkipLog] = None, max_bad_fraction: float = 1.0, color: bool = False
-                   ) -> tuple[ImageDataset, ImageDataset, str]:
+                   skip_log: Optional[SkipLog] = None, max_bad_fraction: float = 1.0, color: bool = False,
+                   file_list: Optional[str] = None, val_dataset_path: Optional[str] = None,
+                   index: Optional[FileIndex] = None) -> tuple[ImageDataset, ImageDataset, str]:
     """(train, val, description) for a folder of images or, without a path, the demo photos.
     Training crops are random (augment) or central, with scale and colour augmentation when
     `color` (build_transform). With `classes` (a list, filled here from the first-level
-    subfolders when empty), items come with integer labels. Unusable files go to skip_log; more
-    than max_bad_fraction of them is a UserError."""
+    subfolders when empty), items come with integer labels. The files: every image under the
+    folder, or those --file-list names; validation: a seeded val_fraction of them, or every image
+    of val_dataset_path. Header checks already in the run's file index are not repeated. Unusable
+    files go to skip_log; more than max_bad_fraction of them is a UserError."""
     if dataset_path is None:
         if classes is not None:
             raise UserError("a class-conditional run needs --dataset-path with one subfolder per class; "
                             "the demo photographs have no classes.")
+        if file_list is not None or val_dataset_path is not None:
+            raise UserError("--file-list and --val-dataset-path need --dataset-path (the demo has its own photographs).")
         # Shortest side 4x the crop, so a crop shows a quarter of it; the right quarter (at least
         # one crop wide) of every photo is held out for validation.
         side = 4 * size
@@ -370,22 +229,46 @@ def image_datasets(dataset_path: Optional[str], size: int, channels: int, flip: 
         val = demo_validation(val_parts, size, channels, seed)
         return train, val, (f"demo: random {size}x{size} crops of {len(DEMO_IMAGES)} scikit-image photographs "
                             f"(validation: crops of a held-out strip of each)")
-    paths = check_images(scan_images(dataset_path), skip_log, max_bad_fraction)
-    train_paths, val_paths = split_files(paths, val_fraction, seed)
+    index = index if index is not None else FileIndex()
+    paths = check_images(list_images(dataset_path, file_list), skip_log, max_bad_fraction, index)
+    if val_dataset_path is None:
+        train_paths, val_paths = split_files(paths, val_fraction, seed)
+    else:
+        train_paths, val_paths = paths, check_images(list_images(val_dataset_path), skip_log, max_bad_fraction, index)
     label = lambda ps: None  # noqa: E731
     if classes is not None:
         found = class_names(paths, dataset_path)
         if classes and classes != found:
             raise UserError(f"the classes of {dataset_path} ({', '.join(found)}) differ from the checkpoint's "
                             f"({', '.join(classes)}): use the same folder layout as the original run.")
+        if val_dataset_path is not None and set(class_names(val_paths, val_dataset_path)) - set(found):
+            raise UserError(f"{val_dataset_path} has class folders that {dataset_path} lacks: give both the same "
+                            "class subfolders.")
         classes[:] = found
-        index = {name: i for i, name in enumerate(found)}
-        label = lambda ps: [index[Path(p).relative_to(dataset_path).parts[0]] for p in ps]  # noqa: E731
+        number = {name: i for i, name in enumerate(found)}
+        label = lambda ps, root=dataset_path: [number[Path(p).relative_to(root).parts[0]] for p in ps]  # noqa: E731
     train = ImageDataset(train_paths, build_transform(size, augment, flip and augment, color=color), seed, channels=channels,
                          labels=label(train_paths), skip_log=skip_log)
-    val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels, labels=label(val_paths),
+    val_labels = label(val_paths) if val_dataset_path is None or classes is None else label(val_paths, val_dataset_path)
+    val = ImageDataset(val_paths, build_transform(size, False), seed, channels=channels, labels=val_labels,
                        skip_log=skip_log)
-    return train, val, f"{len(train_paths)} training and {len(val_paths)} validation images from {dataset_path}"
+    reused = f"; {index.reused} header checks reused from the run's file index" if index.reused else ""
+    return train, val, (f"{len(train_paths)} training and {len(val_paths)} validation images from {dataset_path}"
+                        + (f" and {val_dataset_path}" if val_dataset_path else "") + reused)
+
+
+def run_datasets(cfg, size: int, channels: int, flip: bool, augment: bool = True, classes: Optional[list[str]] = None,
+                 color: bool = False) -> tuple[ImageDataset, ImageDataset, str, SkipLog, FileIndex]:
+    """image_datasets for a training run's config (its folders, file list, seed and bad-file limit),
+    with the run folder's skip log and file index, both written only once the run's checks have
+    passed (their start_writing)."""
+    skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
+    index = FileIndex(Path(cfg.output_dir) / "file_index.json")
+    train, val, description = image_datasets(
+        cfg.dataset_path, size, channels, flip, cfg.val_fraction, cfg.seed, augment=augment, classes=classes,
+        skip_log=skip_log, max_bad_fraction=cfg.max_bad_fraction, color=color, file_list=cfg.file_list,
+        val_dataset_path=cfg.val_dataset_path, index=index)
+    return train, val, description, skip_log, index
 
 
 def training_batches(dataset: Dataset, cfg, dist_info, device: torch.device, step: int, total_steps: int):

@@ -27,10 +27,10 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from config import check_finite, require
-from data import (EpochSampler, ImageDataset, build_transform, check_images, demo_images, demo_validation, make_loader,
-                  scan_images)
+from data import EpochSampler, ImageDataset, build_transform, demo_images, demo_validation, make_loader
 from errors import UserError
 from flags import option, parse_into
+from imagefiles import check_images, scan_images
 from lpips import VGGWeightsUnavailable, load_lpips
 from metrics import INCEPTION_FILE, ReconstructionFID, psnr, ssim
 from utils import autocast, interactive, log, resolve_device, resolve_precision, run_cli, warn, writable_folder

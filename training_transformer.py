@@ -16,7 +16,6 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, resume_path,
                         run_rng_state, set_run_rng_state)
 from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict
-from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loader, training_batches
+from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from distributed import DistInfo, all_finite, is_main_process, setup_distributed
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape
@@ -242,11 +241,8 @@ def main(cfg: TrainTransformerConfig) -> dict:
         mc = vqgan.config
         # filled from the subfolders; a resumed run must find the same classes
         classes = (list(resumed["classes"]) if resumed else []) if cfg.conditional else None
-        skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
-        train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.augment,
-                                                       cfg.val_fraction, cfg.seed, augment=cfg.augment,
-                                                       classes=classes, skip_log=skip_log,
-                                                       max_bad_fraction=cfg.max_bad_fraction)
+        train_ds, val_ds, description, skip_log, index = run_datasets(cfg, mc.resolution, mc.in_channels, cfg.augment,
+                                                                      augment=cfg.augment, classes=classes)
         classes = classes or []
         check_global_batch(cfg, dist_info, len(train_ds))
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **gpt_shape(mc, len(classes))),
@@ -263,6 +259,8 @@ def main(cfg: TrainTransformerConfig) -> dict:
         # Every check has passed: only now is the run folder written (and locked).
         run = scope.enter_context(RunFolder.of(cfg, resuming=resumed is not None))
         skip_log.start_writing()
+        if is_main_process():
+            index.start_writing()
         val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
         fixed = fixed.to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)

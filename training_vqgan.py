@@ -17,7 +17,6 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,7 +27,7 @@ from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_stric
                         run_rng_state, set_run_rng_state)
 from codebook import CodebookStats, CodebookUsage
 from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_from_dict
-from data import EpochSampler, SkipLog, fixed_images, image_datasets, make_loader, training_batches
+from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from discriminator import NLayerDiscriminator
 from distributed import DistInfo, all_finite, barrier, is_main_process, setup_distributed
 from errors import UserError
@@ -340,10 +339,8 @@ def main(cfg: TrainVQGANConfig) -> dict:
         seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
 
         mc = cfg.model
-        skip_log = SkipLog(Path(cfg.output_dir) / "skipped_files.txt")
-        train_ds, val_ds, description = image_datasets(cfg.dataset_path, mc.resolution, mc.in_channels, cfg.flip,
-                                                       cfg.val_fraction, cfg.seed, skip_log=skip_log,
-                                                       max_bad_fraction=cfg.max_bad_fraction, color=cfg.color_augment)
+        train_ds, val_ds, description, skip_log, index = run_datasets(cfg, mc.resolution, mc.in_channels, cfg.flip,
+                                                                      color=cfg.color_augment)
         check_global_batch(cfg, dist_info, len(train_ds))
         cfg, perceptual = setup_perceptual(cfg)
         steps_per_epoch, total_steps = run_length(cfg, len(train_ds), dist_info)
@@ -352,6 +349,8 @@ def main(cfg: TrainVQGANConfig) -> dict:
         # Every check has passed: only now is the run folder written (and locked).
         run = scope.enter_context(RunFolder.of(cfg, resuming=resumed is not None))
         skip_log.start_writing()
+        if is_main_process():
+            index.start_writing()
         val_loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.seed, shuffle=False), cfg.batch_size, 0, False)
         fixed = fixed_images(train_ds, val_ds, 8).to(device)
 

@@ -1,5 +1,9 @@
-"""data.py: image conversion, scanning, bad files, seeded datasets and sampler, the split."""
+"""data.py and imagefiles.py: image conversion, scanning, bad files, seeded datasets and sampler, the split."""
 import io
+import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +12,8 @@ from PIL import Image
 
 from errors import UserError
 from conftest import write_images
-from data import (EpochSampler, ImageDataset, build_transform, check_images, load_image, scan_images, split_files,
-                  to_rgb_array)
+from data import EpochSampler, ImageDataset, build_transform, split_files
+from imagefiles import SkipLog, check_images, load_image, scan_images, to_rgb_array
 
 
 def roundtrip(img: Image.Image, fmt: str, **kw) -> np.ndarray:
@@ -125,3 +129,49 @@ def test_split_is_disjoint_and_seeded():
     assert split_files(paths, 0.1, seed=0) == (train, val)
     small_train, small_val = split_files(["a", "b"], 0.05, 0)  # at least one image each
     assert len(small_train) == 1 and len(small_val) == 1
+
+
+# ------------------------------------------------------------------ large folders: index, file list
+def test_a_resume_reuses_the_file_index_and_checks_only_changed_files(images, tmp_path, cli, monkeypatch):
+    import imagefiles
+    from conftest import TINY_FLAGS
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    out = tmp_path / "run"
+    args = ["--dataset-path", data, "--output-dir", out, *TINY_FLAGS, "--sample-every", "100", "--val-fraction", "0.2"]
+    assert cli("training_vqgan", *args, "--max-steps", "1").returncode == 0
+    index = json.loads((out / "file_index.json").read_text())
+    files = sorted(str(p) for p in data.rglob("*") if p.is_file())
+    assert sorted(index) == files and all(v[2] is None for v in index.values())
+    opened = []
+    real = imagefiles._header_problem
+    monkeypatch.setattr(imagefiles, "_header_problem", lambda path: opened.append(path) or real(path))
+    changed = Path(files[0])
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(changed, format=Image.open(changed).format)
+    os.utime(changed, ns=(1, 1))
+    r = cli("training_vqgan", "--output-dir", out, "--resume", "latest", "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert opened == [str(changed)]  # every other header check came from the index
+    assert f"{len(files) - 1} header checks reused" in r.stdout
+
+
+def test_file_list_and_a_separate_validation_folder(images, tmp_path):
+    from data import image_datasets
+
+    files = sorted(str(p.relative_to(images)) for p in Path(images).rglob("*") if p.is_file())
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(files[:4] + ["class0/not_there.png"]) + "\n")
+    val_dir = tmp_path / "val"
+    write_images(val_dir, n=3, seed=5)
+    skip = SkipLog()
+    train, val, description = image_datasets(str(images), 16, 3, False, 0.5, 0, file_list=str(listing),
+                                             val_dataset_path=str(val_dir), skip_log=skip)
+    assert sorted(train.items) == sorted(str(Path(images) / f) for f in files[:4])  # all listed, none split off
+    assert sorted(val.items) == sorted(str(p) for p in val_dir.rglob("*") if p.is_file())
+    assert list(skip.seen) == [str(Path(images) / "class0" / "not_there.png")]
+    assert "4 training and 3 validation images" in description
+    with pytest.raises(UserError, match="cannot read --file-list"):
+        image_datasets(str(images), 16, 3, False, 0.5, 0, file_list=str(tmp_path / "none.txt"))
+    with pytest.raises(UserError, match="need --dataset-path"):
+        image_datasets(None, 16, 3, False, 0.5, 0, file_list=str(listing))

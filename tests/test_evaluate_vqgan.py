@@ -6,7 +6,8 @@ import torch
 
 from codebook import codebook_usage
 from conftest import assert_user_error, random_vgg_file, reference_vqgan, save_lightning, write_images
-from data import ImageDataset, build_transform, scan_images
+from data import ImageDataset, build_transform
+from imagefiles import scan_images
 from evaluate_vqgan import main, parse_args
 from metrics import psnr
 from checkpoint import save_checkpoint

@@ -269,7 +269,7 @@ def test_ctrl_c_at_start_up_is_one_line(images, tmp_path, cli, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training_vqgan, "image_datasets", ctrl_c)
+    monkeypatch.setattr(training_vqgan, "run_datasets", ctrl_c)
     r = cli("training_vqgan", *stage1_args(images, tmp_path / "run"))
     assert r.returncode == 130 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["interrupted (Ctrl-C) before the work was done."]

@@ -165,7 +165,7 @@ def test_a_cli_run_fills_its_run_folder(vqgan_run):
     """The shared 3-step run: what it printed, its files, metrics, config and checkpoints."""
     out = vqgan_run.path
     assert "validation PSNR before training" in vqgan_run.stdout and "validation PSNR after 3 steps" in vqgan_run.stdout
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "metrics.jsonl", "samples"]
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "file_index.json", "metrics.jsonl", "samples"]
     assert sorted(os.listdir(out / "checkpoints")) == ["last.pt", "step_0000002.pt", "step_0000003.pt"]
     assert os.listdir(out / "samples") == ["step_0000003.png"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
