@@ -69,8 +69,8 @@ def add_fields(parser, cls, title: Optional[str] = None, skip=()) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         help = meta.get("help", "").replace("%", "%%")
-        kw = dict(dest=f.name, default=argparse.SUPPRESS,
-                  help=help if meta.get("required") else f"{help} (default: {shown})")
+        own_default = meta.get("required") or "(default:" in help  # the help line says it already
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help if own_default else f"{help} (default: {shown})")
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is tuple:

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from config import DEMO_VQGAN, PRESETS, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig
+from config import DEMO_TRANSFORMER, DEMO_VQGAN, PRESETS, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig
 from errors import UserError
 from flags import add_fields
 from runconfig import parse_train_transformer, parse_train_vqgan
@@ -111,8 +111,38 @@ def test_config_round_trips_through_a_dict():
     assert model_config_from_dict(VQGANConfig, older) == cfg
 
 
-@pytest.mark.parametrize("script", ["training_vqgan", "training_transformer", "evaluate_vqgan", "sample_transformer",
-                                    "vqgan"])
-def test_every_cli_renders_its_help(cli, script):
-    r = cli(script, "--help")
+def help_entries(text: str) -> dict[str, str]:
+    """--flag -> its whole help entry (the option lines and their continuation lines)."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):
+            current = stripped.split()[0].rstrip(",")
+            entries[current] = stripped
+        elif current and line.startswith("    ") and stripped:
+            entries[current] += " " + stripped
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("command", [["training_vqgan"], ["training_transformer"], ["evaluate_vqgan"],
+                                     ["sample_transformer"], ["vqgan", "convert"], ["benchmark", "stage1"],
+                                     ["benchmark", "gpt"], ["benchmark", "sample"]])
+def test_every_cli_renders_its_help(cli, command):
+    """Help renders (a stray % would be a traceback or a raw dict), one default per flag, and the
+    training scripts say where the demo's settings and a resumed run's configuration apply."""
+    r = cli(*command, "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage:") and "Traceback" not in r.stderr
+    assert "%(" not in r.stdout and "{'" not in r.stdout
+    entries = help_entries(r.stdout)
+    assert len(entries) > 3
+    for flag, entry in entries.items():
+        assert entry.count("(default:") <= 1, entry
+    if command[0].startswith("training_"):
+        text = " ".join(r.stdout.split())
+        demo = DEMO_VQGAN if command[0] == "training_vqgan" else DEMO_TRANSFORMER
+        assert "Without --dataset-path the demo's settings apply too" in text
+        assert all(f"{k}={v}" in text for k, v in demo.items())
+        assert "With --resume the run's saved configuration applies" in text
+        assert "--print-config" in entries and "--config" in entries
