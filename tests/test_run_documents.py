@@ -107,3 +107,13 @@ def test_print_config_shows_the_resolved_configuration_and_writes_nothing(tmp_pa
     assert printed == {**config_to_dict(parse_train_vqgan([])), "seed": 3}  # the demo's settings, the flag on top
     r = cli("training_transformer", "--print-config", *GPT_FLAGS)
     assert r.returncode == 0 and json.loads(r.stdout) == config_to_dict(parse_train_transformer(GPT_FLAGS))
+
+
+def test_stage2_resumes_from_its_run_folder_alone(transformer_run, tmp_path, cli):
+    out = copy_run(transformer_run, tmp_path)
+    r = cli("training_transformer", "--resume", out, "--max-steps", "4")  # a run folder; the VQGAN is inside
+    assert r.returncode == 0, r.stderr
+    assert "resumed at step 3" in r.stdout and "changed on resume: max_steps 3 -> 4" in r.stdout
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 4 and ckpt["train_config"]["conditional"] is True
+    assert_user_error(cli("training_transformer", "--resume", out, "--n-layer", "2"), "drop --n-layer")
