@@ -3,6 +3,7 @@ numbered snapshots, metrics.jsonl (and optional TensorBoard events) and sample g
 written by rank 0."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -14,9 +15,9 @@ import torch
 
 from checkpoint import last_checkpoint, resume_path, save_checkpoint
 from config import config_to_dict
-from distributed import is_main_process
+from distributed import DistInfo, is_main_process, setup_distributed
 from errors import EnvironmentFault, UserError
-from utils import warn
+from utils import StopRequest, resolve_device, warn
 
 
 class RunLock:
@@ -220,3 +221,13 @@ def save_sample_grid(rows: Sequence[torch.Tensor], path) -> torch.Tensor:
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=rows[0].shape[0], padding=2)
     save_image(grid, str(path))
     return grid
+
+
+def start_run(cfg, scope: contextlib.ExitStack) -> tuple[StopRequest, "torch.device", DistInfo, Optional[str]]:
+    """The opening both training scripts share: signals end the run cleanly from here on; the
+    device and torchrun; a second run writing to OUTPUT_DIR refused before anything is read; the
+    checkpoint to resume from (None: a new run, which may not overwrite a finished one)."""
+    stop = scope.enter_context(StopRequest())
+    device, dist_info = setup_distributed(resolve_device(cfg.device))
+    RunLock(cfg.output_dir).check()
+    return stop, device, dist_info, resume_path(cfg.output_dir, cfg.resume)

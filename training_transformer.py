@@ -24,18 +24,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, resume_path,
-                        run_rng_state, set_run_rng_state)
+from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, run_rng_state,
+                        set_run_rng_state)
 from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
-from distributed import DistInfo, all_finite, is_main_process, setup_distributed
+from distributed import DistInfo, all_finite, is_main_process
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape
 from runconfig import parse_train_transformer
-from runfolder import RunFolder, RunLock
-from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch,
-                   interactive, log, lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr,
-                   seed_everything, train_loop, warn)
+from runfolder import RunFolder, start_run
+from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, interactive, log,
+                   lr_at, resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
 from vqgan import VQGAN, vqgan_from_stage2
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -226,10 +225,7 @@ def load_vqgan(cfg: TrainTransformerConfig, resumed: Optional[dict], resume: Opt
 
 def main(cfg: TrainTransformerConfig) -> dict:
     with contextlib.ExitStack() as scope:
-        stop = scope.enter_context(StopRequest())  # from here on a signal ends the run cleanly
-        device, dist_info = setup_distributed(resolve_device(cfg.device))
-        RunLock(cfg.output_dir).check()  # another run writing there: refused before anything is read
-        resume = resume_path(cfg.output_dir, cfg.resume)
+        stop, device, dist_info, resume = start_run(cfg, scope)
         resumed = load_resume(resume) if resume else None
         vqgan, vq_path = load_vqgan(cfg, resumed, resume)
         vqgan = vqgan.to(device)

@@ -23,23 +23,22 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, resume_path,
-                        run_rng_state, set_run_rng_state)
+from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, run_rng_state,
+                        set_run_rng_state)
 from codebook import CodebookStats, CodebookUsage
 from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from discriminator import NLayerDiscriminator
-from distributed import DistInfo, all_finite, barrier, is_main_process, setup_distributed
+from distributed import DistInfo, all_finite, barrier, is_main_process
 from errors import UserError
 from losses import (LossWeights, backward_fused, discriminator_logits, discriminator_loss, generator_objective,
                     generator_terms)
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
 from runconfig import parse_train_vqgan
-from runfolder import RunFolder, RunLock
-from utils import (Hooks, MeanMeter, StopRequest, autocast, check_global_batch, describe_batch, global_batch, log,
-                   lr_at, resolve_device, resolve_precision, run_cli, run_length, scaled_lr, seed_everything,
-                   train_loop, warn)
+from runfolder import RunFolder, start_run
+from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, log, lr_at,
+                   resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
 from vqgan import VQGAN
 
 
@@ -331,10 +330,7 @@ def evaluate_psnr(s: Stage1, loader, max_batches: int = 0) -> Optional[float]:
 
 def main(cfg: TrainVQGANConfig) -> dict:
     with contextlib.ExitStack() as scope:
-        stop = scope.enter_context(StopRequest())  # from here on a signal ends the run cleanly
-        device, dist_info = setup_distributed(resolve_device(cfg.device))
-        RunLock(cfg.output_dir).check()  # another run writing there: refused before anything is read
-        resume = resume_path(cfg.output_dir, cfg.resume)
+        stop, device, dist_info, resume = start_run(cfg, scope)
         resumed = load_resume(resume, cfg) if resume else None
         seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
 
