@@ -43,6 +43,7 @@ def test_ssim_rejects_tiny_images():
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
 
 
+@pytest.mark.slow  # the full Inception network: about 9 s
 def test_reconstruction_fid_runs_and_separates(random_inception):
     x, y = random_pairs(b=6, h=32, w=32)
     same = ReconstructionFID(random_inception, torch.device("cpu"))

@@ -115,6 +115,7 @@ def test_the_discriminator_sees_real_and_fake_separately_by_default(tiny_cfg, mo
         assert batches == expected, joint
 
 
+@pytest.mark.slow  # 100 optimizer steps: about 10 s
 def test_overfitting_one_batch_halves_l1(tiny_cfg):
     s = make_stage1(tiny_cfg, disc_start=10**9)
     x = random_batch(n=4)
