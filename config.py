@@ -319,6 +319,12 @@ DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=1500, lr_wa
 def make_config(train_cls, model_cls, given: dict, presets: dict[str, Preset], demo: Optional[dict] = None):
     """A training config from explicitly given values (field name -> value), applying the preset
     and, when no dataset path is given, the demo settings. Unknown names are an error."""
+    return build_config(train_cls, model_cls, config_values(given, presets, demo))
+
+
+def config_values(given: dict, presets: dict[str, Preset], demo: Optional[dict] = None) -> dict:
+    """The flat values make_config builds from: demo settings (without a dataset path) under the
+    preset's under the given values."""
     values: dict = {}
     if demo is not None and given.get("dataset_path") is None:
         values.update(demo)
@@ -327,8 +333,7 @@ def make_config(train_cls, model_cls, given: dict, presets: dict[str, Preset], d
         if name not in presets:
             raise UserError(f"unknown preset '{name}': choose one of {', '.join(presets)}.")
         values = {**presets[name].model, **presets[name].run, **values}
-    values.update(given)
-    return build_config(train_cls, model_cls, values)
+    return {**values, **given}
 
 
 def build_config(train_cls, model_cls, values: dict):

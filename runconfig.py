@@ -6,14 +6,13 @@ settings. --print-config shows the result. Both training scripts parse their fla
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from dataclasses import fields
 from typing import Optional
 
 from config import (DEMO_TRANSFORMER, DEMO_VQGAN, GPT_PRESETS, PRESETS, GPTConfig, Preset, TrainTransformerConfig,
-                    TrainVQGANConfig, VQGANConfig, build_config, config_to_dict, make_config)
+                    TrainVQGANConfig, VQGANConfig, build_config, config_to_dict, config_values, make_config)
 from errors import UserError
 from flags import add_fields, flag_name, given_values
 
@@ -60,10 +59,12 @@ def resumed_config(train_cls, model_cls, given: dict, presets: dict[str, Preset]
     the config of a new run."""
     from checkpoint import resume_target, saved_run  # reading a checkpoint needs torch
 
-    fresh = make_config(train_cls, model_cls, given, presets, demo)  # where to look: OUTPUT_DIR, demo's included
-    path, folder = resume_target(fresh.output_dir, fresh.resume, "output_dir" in given)
-    if path is None:
-        return dataclasses.replace(fresh, resume=None)
+    # Where to look: OUTPUT_DIR as the flags, the demo's settings or the default give it. No config
+    # is built from the flags alone: the model flags given may only make sense with the run's own.
+    output_dir = config_values(given, presets, demo).get("output_dir", train_cls.output_dir)
+    path, folder = resume_target(output_dir, given["resume"], "output_dir" in given)
+    if path is None:  # --resume auto, and no checkpoint yet: a new run
+        return make_config(train_cls, model_cls, {**given, "resume": None}, presets, demo)
     saved, step = saved_run(path, train_cls.checkpoint_kind, train_cls.script)
     values = flat_fields(saved, str(path))
     history = list(values.pop("history", None) or [])
