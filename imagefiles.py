@@ -187,7 +187,7 @@ def list_images(root: str, file_list: Optional[str] = None) -> list[tuple[str, i
     while stack:
         with os.scandir(stack.pop()) as it:
             for entry in it:
-                if entry.is_dir():
+                if entry.is_dir(follow_symlinks=False):  # as pathlib's rglob: no loops through links
                     stack.append(entry.path)
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
                     st = entry.stat()

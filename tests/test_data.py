@@ -175,3 +175,11 @@ def test_file_list_and_a_separate_validation_folder(images, tmp_path):
         image_datasets(str(images), 16, 3, False, 0.5, 0, file_list=str(tmp_path / "none.txt"))
     with pytest.raises(UserError, match="need --dataset-path"):
         image_datasets(None, 16, 3, False, 0.5, 0, file_list=str(listing))
+
+
+def test_the_folder_walk_does_not_follow_links_to_folders(tmp_path):
+    """As pathlib's rglob did: a link back up the tree is not a loop, a linked folder is not walked."""
+    write_images(tmp_path / "real", n=2)
+    os.symlink(tmp_path, tmp_path / "real" / "loop")
+    assert scan_images(str(tmp_path)) == sorted(str(p) for p in (tmp_path / "real").rglob("*.*") if p.is_file())
+    assert len(scan_images(str(tmp_path))) == 2
