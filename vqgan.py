@@ -152,6 +152,7 @@ def convert(args: ConvertConfig) -> VQGANConfig:
                         f"'{Path(args.out).suffix or 'none'}' is neither.")
     model = VQGAN.from_checkpoint(args.taming_ckpt, config=args.config)
     try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # e.g. --out f16_16384/model.safetensors
         save_checkpoint({"kind": "vqgan", "format_version": 1, "model": model.state_dict(),
                          "model_config": model.config_dict()}, args.out)
     except OSError as e:
