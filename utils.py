@@ -334,9 +334,10 @@ def evaluate_guarded(hooks: Hooks, run, step: int) -> bool:
 
 
 def interactive() -> bool:
-    """Whether progress bars may redraw in place: stderr is a terminal, not a log file (a cluster
-    job, a redirect), where each redraw would be another line."""
-    return sys.stderr.isatty()
+    """Whether progress bars may redraw in place: stdout and stderr (the bar's stream) are both a
+    terminal. Otherwise one of them is a log file (a cluster job, `> log.txt`): there each redraw
+    would be another line, and the plain log lines belong in it."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def progress_line(step: int, total_steps: int, metrics: dict, shown: Sequence[str], rate: str, eta_s: float) -> str:

@@ -120,3 +120,24 @@ def test_the_resume_command_repeats_the_launcher(monkeypatch):
     assert resume_command("r") == "torchrun --nproc-per-node=4 training_vqgan.py --output-dir r --resume latest"
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert resume_command("r").startswith("torchrun --nnodes=2 --nproc-per-node=4 training_vqgan.py")
+
+
+@pytest.mark.parametrize("stdout_tty, stderr_tty, expected", [(True, True, True), (False, True, False),
+                                                              (True, False, False), (False, False, False)])
+def test_progress_bars_only_when_both_streams_are_a_terminal(monkeypatch, stdout_tty, stderr_tty, expected):
+    """`python training_vqgan.py > log.txt` sends the plain lines to the file, not a bar to the screen."""
+    import io
+
+    from utils import interactive
+
+    class Stream(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.setattr(sys, "stdout", Stream(stdout_tty))
+    monkeypatch.setattr(sys, "stderr", Stream(stderr_tty))
+    assert interactive() is expected
