@@ -269,8 +269,8 @@ def load_resume(path: str, cfg: TrainVQGANConfig) -> dict:
     if saved != ours:
         diff = {k: (v, saved.get(k)) for k, v in ours.items() if saved.get(k) != v}
         raise UserError(f"{path} was trained with a different architecture "
-                        + ", ".join(f"{k}={old} (flags say {new})" for k, (new, old) in diff.items())
-                        + ": give the same --preset and model flags as the original run.")
+                        + ", ".join(f"{k}={old} (this config says {new})" for k, (new, old) in diff.items())
+                        + ": resume with the run's own configuration (what --resume restores).")
     for name in FIXED_ON_RESUME:
         was = ckpt["train_config"].get(name, getattr(cfg, name))
         if was != getattr(cfg, name):
