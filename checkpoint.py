@@ -1,6 +1,7 @@
 """Checkpoint files: the atomic write, the one way every checkpoint is read (weights-only, or a
 restricted unpickler for the reference's Lightning files: nothing in a file is ever imported or
-run; .safetensors weights files with their config), the random-number states a bit-identical resume needs, and where a run resumes from.
+run; .safetensors weights files with their config), the random-number states a bit-identical
+resume needs, and where a run resumes from.
 """
 from __future__ import annotations
 
