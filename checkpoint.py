@@ -45,16 +45,17 @@ def save_checkpoint(obj: dict, path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_safetensors(obj: dict, path) -> None:
+def save_safetensors(obj: dict, path, overwrite: bool = False) -> None:
     """A weights file: obj["model"]'s tensors in the safetensors format (no pickle: nothing in it
     can run code), the rest of obj (kind, config: plain values) as JSON, both in the file's
-    metadata and in config.json beside it, as model hubs expect. Both written atomically."""
+    metadata and in config.json beside it, as model hubs expect. Both written atomically. An
+    existing config.json of another model is an error unless `overwrite`."""
     from safetensors.torch import save
 
     path = Path(path)
     meta = {k: v for k, v in obj.items() if k != "model"}
     config = path.with_name("config.json")
-    if config.exists():
+    if config.exists() and not overwrite:
         try:
             same = json.loads(config.read_text()) == json.loads(json.dumps(meta))
         except (OSError, ValueError):
@@ -159,8 +160,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     for files that reference other classes (the reference's Lightning checkpoints) the restricted
     loader above. Neither ever runs code from the file."""
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "model.safetensors")):  # a model folder (save_pretrained)
+            return load_safetensors(os.path.join(path, "model.safetensors"), map_location)
         raise UserError(f"{path} is a folder, not a checkpoint file: give a file such as "
-                        f"{Path(path) / 'checkpoints' / 'last.pt'}.")
+                        f"{Path(path) / 'checkpoints' / 'last.pt'}, or a model folder with model.safetensors.")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check the path.")
     if str(path).endswith(".safetensors"):

@@ -26,8 +26,10 @@ from checkpoint import load_checkpoint, load_strict, require_entries
 from config import GPTConfig, VQGANConfig, model_config_from_dict
 from errors import UserError
 from mingpt import GPT
+from ema import averaged_state
 from official import checkpoint_kind, sub_state, transformer_configs
-from vqgan import VQGAN, vqgan_from_stage2
+from pretrained import PretrainedMixin
+from vqgan import VQGAN, stage2_entries, vqgan_from_stage2
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     return logits
 
 
-class VQGANTransformer(nn.Module):
+class VQGANTransformer(PretrainedMixin, nn.Module):
     def __init__(self, vqgan: VQGAN, gpt_config: GPTConfig, classes: Sequence[str] = (),
                  layout: Optional[TokenLayout] = None):
         super().__init__()
@@ -256,12 +258,30 @@ class VQGANTransformer(nn.Module):
         return codes[:num_samples]
 
     # ------------------------------------------------------------------------------ checkpoints
+    def checkpoint_entries(self) -> tuple[dict, dict]:
+        """(description, weights) of this model: what save_pretrained writes (the GPT's weights
+        prefixed "gpt.", the VQGAN's "vqgan.")."""
+        from config import config_to_dict
+
+        layout = self.layout
+        meta = {"kind": "transformer", "format_version": 1, "model_config": config_to_dict(self.gpt.config),
+                "vqgan_config": config_to_dict(self.vqgan.config), "classes": list(self.classes),
+                "token_layout": {"reference": layout.reference, "sos_token": layout.sos_token}}
+        return meta, self.state_dict()
+
     @classmethod
-    def from_checkpoint(cls, path, config: Optional[str] = None, map_location=None) -> "VQGANTransformer":
+    def from_checkpoint(cls, path, config: Optional[str] = None, map_location=None,
+                        raw: bool = False) -> "VQGANTransformer":
         """Load a stage-2 checkpoint written by training_transformer.py (it carries its VQGAN),
-        or a taming-transformers transformer `.ckpt` (YAML `config`, or shapes of the releases)
-        in the reference's token layout."""
+        a model folder's .safetensors, or a taming-transformers transformer `.ckpt` (YAML
+        `config`, or shapes of the releases) in the reference's token layout. A checkpoint with an
+        EMA of the GPT's weights (--ema-decay) gives the averaged weights unless `raw`."""
         ckpt = load_checkpoint(path, map_location=map_location or "cpu")
+        return cls.from_checkpoint_dict(ckpt, str(path), config, raw)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict, path: str, config: Optional[str] = None,
+                             raw: bool = False) -> "VQGANTransformer":
         kind = checkpoint_kind(ckpt)
         if kind == "reference-transformer":
             state = ckpt["state_dict"]
@@ -276,14 +296,21 @@ class VQGANTransformer(nn.Module):
         if kind != "transformer":
             raise UserError(f"{path} is not a stage-2 (transformer) checkpoint (kind '{kind}'): "
                             "give a checkpoint written by training_transformer.py.")
+        ckpt = stage2_entries(ckpt)
         require_entries(ckpt, ("model", "model_config", "vqgan", "vqgan_config", "classes"), path, "stage-2 checkpoint")
         gpt_config = model_config_from_dict(GPTConfig, ckpt["model_config"])
         vqgan = vqgan_from_stage2(ckpt, str(path))
         classes = [str(c) for c in ckpt["classes"]]
-        if gpt_config.vocab_size != TokenLayout(vqgan.config.n_embed, len(classes)).vocab_size:
+        saved_layout = ckpt.get("token_layout") or {}
+        try:
+            layout = TokenLayout(vqgan.config.n_embed, len(classes), reference=bool(saved_layout.get("reference", False)),
+                                 sos_token=int(saved_layout.get("sos_token", 0)))
+        except (AttributeError, TypeError, ValueError):
+            raise UserError(f"{path} has a malformed token_layout entry: the file is damaged.") from None
+        if gpt_config.vocab_size != layout.vocab_size:
             raise UserError(f"{path} is inconsistent: its GPT has {gpt_config.vocab_size} token ids, but its VQGAN's "
                             f"{vqgan.config.n_embed} codes and {len(classes)} classes need "
-                            f"{TokenLayout(vqgan.config.n_embed, len(classes)).vocab_size}: the file is damaged.")
-        model = cls(vqgan, gpt_config, classes)
-        load_strict(model.gpt, ckpt["model"], str(path))
+                            f"{layout.vocab_size}: the file is damaged.")
+        model = cls(vqgan, gpt_config, classes, layout)
+        load_strict(model.gpt, averaged_state(ckpt, raw), path + ("" if raw or "ema" not in ckpt else " (EMA)"))
         return model.eval()

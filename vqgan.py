@@ -6,8 +6,11 @@
 load by name. Usage from a notebook:
 
     from vqgan import VQGAN
-    model = VQGAN.from_checkpoint("runs/vqgan/checkpoints/last.pt")
+    model = VQGAN.from_checkpoint("runs/vqgan/checkpoints/last.pt")   # or VQGAN.from_pretrained(folder)
     x_rec, indices, q_loss = model(x)
+
+`python vqgan.py convert` turns a taming-transformers checkpoint into this project's format;
+`python vqgan.py export` turns a training checkpoint (either stage) into a model folder.
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ from decoder import Decoder
 from encoder import Encoder
 from errors import UserError
 from flags import add_fields, given_values, option
+from ema import averaged_state
 from official import checkpoint_kind, infer_vqgan_config, sub_state, transformer_vqgan_config, vqgan_config_from_yaml
+from pretrained import PretrainedMixin
 from utils import log, run_cli
 
 
@@ -38,7 +43,7 @@ class Reconstruction(NamedTuple):
     q_loss: torch.Tensor  # scalar
 
 
-class VQGAN(nn.Module):
+class VQGAN(PretrainedMixin, nn.Module):
     def __init__(self, config: VQGANConfig):
         super().__init__()
         self.config = config
@@ -96,13 +101,23 @@ class VQGAN(nn.Module):
     def config_dict(self) -> dict:
         return config_to_dict(self.config)
 
+    def checkpoint_entries(self) -> tuple[dict, dict]:
+        """(description, weights) of this model: what save_pretrained writes."""
+        return {"kind": "vqgan", "format_version": 1, "model_config": self.config_dict()}, self.state_dict()
+
     @classmethod
-    def from_checkpoint(cls, path, config: Optional[str] = None, map_location=None) -> "VQGAN":
-        """Load a checkpoint written by this project (training checkpoint or weights-only file
-        with 'model' and 'model_config'), or a taming-transformers `.ckpt` (architecture from
-        its YAML `config`, else inferred from the weights). A stage-2 checkpoint, ours or the
-        reference's, gives the VQGAN it was trained over. Returns the model in eval mode."""
+    def from_checkpoint(cls, path, config: Optional[str] = None, map_location=None, raw: bool = False) -> "VQGAN":
+        """Load a checkpoint written by this project (training checkpoint, weights-only file with
+        'model' and 'model_config', or a model folder's .safetensors), or a taming-transformers
+        `.ckpt` (architecture from its YAML `config`, else inferred from the weights). A stage-2
+        checkpoint, ours or the reference's, gives the VQGAN it was trained over. A checkpoint with
+        an EMA of the weights (--ema-decay) gives the averaged weights unless `raw`. Returns the
+        model in eval mode."""
         ckpt = load_checkpoint(path, map_location=map_location or "cpu")
+        return cls.from_checkpoint_dict(ckpt, str(path), config, raw)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict, path: str, config: Optional[str] = None, raw: bool = False) -> "VQGAN":
         kind = checkpoint_kind(ckpt)
         if kind == "transformer":  # a stage-2 checkpoint carries its (frozen) VQGAN
             return vqgan_from_stage2(ckpt, str(path))
@@ -120,12 +135,22 @@ class VQGAN(nn.Module):
             raise UserError(f"{path} is not a VQGAN checkpoint (kind '{kind}'): give the stage-1 "
                             "checkpoint, e.g. runs/vqgan/checkpoints/last.pt.")
         model = cls(model_config_from_dict(VQGANConfig, ckpt["model_config"]))
-        load_strict(model, ckpt["model"], str(path))
+        load_strict(model, averaged_state(ckpt, raw), str(path) + ("" if raw or "ema" not in ckpt else " (EMA)"))
         return model.eval()
+
+
+def stage2_entries(ckpt: dict) -> dict:
+    """A stage-2 checkpoint dict with the GPT's weights under "model" and the VQGAN's under
+    "vqgan": a model folder stores both in one file, prefixed "gpt." and "vqgan."."""
+    model = ckpt.get("model")
+    if "vqgan" in ckpt or not isinstance(model, dict) or not any(k.startswith("vqgan.") for k in model):
+        return ckpt
+    return {**ckpt, "model": sub_state(model, "gpt."), "vqgan": sub_state(model, "vqgan.")}
 
 
 def vqgan_from_stage2(ckpt: dict, what: str = "the stage-2 checkpoint") -> VQGAN:
     """The frozen first stage stored inside one of our stage-2 checkpoints."""
+    ckpt = stage2_entries(ckpt)
     require_entries(ckpt, ("vqgan", "vqgan_config"), what, "stage-2 checkpoint")
     vqgan = VQGAN(model_config_from_dict(VQGANConfig, ckpt["vqgan_config"]))
     load_strict(vqgan, ckpt["vqgan"], f"{what} (its VQGAN)")
@@ -163,18 +188,50 @@ def convert(args: ConvertConfig) -> VQGANConfig:
     return model.config
 
 
-def parse_args(argv: Optional[list[str]] = None) -> ConvertConfig:
+@dataclass
+class ExportConfig:
+    """`python vqgan.py export`: a checkpoint of either stage as a model folder (config.json and model.safetensors) for from_pretrained and the Hub."""
+    checkpoint: Optional[str] = option(None, "a stage-1 or stage-2 checkpoint (ours, or a taming-transformers .ckpt)", required=True)
+    out: Optional[str] = option(None, "the folder to write (created when needed)", required=True)
+    config: Optional[str] = option(None, "YAML config of a taming-transformers checkpoint (default: inferred)")
+    raw_weights: bool = option(False, "export the trained weights, not their EMA (when the run kept one)")
+
+
+def export(args: ExportConfig) -> Path:
+    """Write the model of a checkpoint as a folder: a VQGAN, or a VQGANTransformer (GPT and its
+    VQGAN) for stage-2 checkpoints. The EMA weights when the checkpoint has them."""
+    from transformer import VQGANTransformer  # it imports this module
+
+    ckpt = load_checkpoint(args.checkpoint)
+    stage2 = checkpoint_kind(ckpt) in ("transformer", "reference-transformer")
+    cls = VQGANTransformer if stage2 else VQGAN
+    model = cls.from_checkpoint_dict(ckpt, args.checkpoint, args.config, args.raw_weights)
+    folder = model.save_pretrained(args.out)
+    which = "" if "ema" not in ckpt else (" (trained weights)" if args.raw_weights else " (EMA weights)")
+    log(f"wrote {folder / 'config.json'} and {folder / 'model.safetensors'}: a {cls.__name__}{which}; load it with "
+        f"{cls.__name__}.from_pretrained({str(folder)!r})")
+    return folder
+
+
+COMMANDS = {"convert": (ConvertConfig, convert), "export": (ExportConfig, export)}
+
+
+def parse_args(argv: Optional[list[str]] = None):
     parser = argparse.ArgumentParser(description="VQGAN tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_fields(sub.add_parser("convert", help=ConvertConfig.__doc__.split(": ", 1)[1]), ConvertConfig)
+    for name, (config_cls, _) in COMMANDS.items():
+        add_fields(sub.add_parser(name, help=config_cls.__doc__.split(": ", 1)[1]), config_cls)
     given = given_values(parser.parse_args(argv))
-    given.pop("command")
-    return ConvertConfig(**given)
+    return COMMANDS[given.pop("command")][0](**given)
+
+
+def run(args):
+    return convert(args) if isinstance(args, ConvertConfig) else export(args)
 
 
 def cli(argv=None) -> int:
     """The command line: exit code 0, or 2 for a user error (one message, no traceback)."""
-    return run_cli(convert, parse_args, argv)
+    return run_cli(run, parse_args, argv)
 
 
 if __name__ == "__main__":
