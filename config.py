@@ -158,6 +158,9 @@ class RunConfig:
     wandb: Optional[str] = option(None, "also log to this Weights & Biases project (needs pip install wandb); a resumed run continues the same W&B run")
     compile: bool = option(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT)")
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
+    ema_decay: float = option(0.0, "keep an exponential moving average of the trained weights with this decay, e.g. 0.999 (0: off); validation, sample grids, evaluation, export and sampling then use it")
+    raw_weights: bool = option(False, "with --ema-decay: validation and sample grids use the trained weights, not their average")
+    init_from: Optional[str] = option(None, "fine-tune: start a new run (step 0, fresh optimizers) from these weights, architecture included; see the README")
     max_bad_steps: int = option(20, "stop (after saving) when this many steps in a row had non-finite losses or gradients; each is skipped")
     # Not a flag: what each resume changed ({"step": N, "changed": {field: [before, after]}}), kept in config.json.
     history: list = field(default_factory=list, metadata=dict(derived=True))
@@ -173,6 +176,9 @@ class RunConfig:
             raise UserError(f"--beta1 {self.beta1} and --beta2 {self.beta2} must be in [0, 1) (Adam's averages).")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise UserError(f"--max-bad-fraction {self.max_bad_fraction} is out of range: use a value in [0, 1].")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"--ema-decay {self.ema_decay} is out of range: give a decay in (0, 1), e.g. 0.999, or 0 for "
+                            "no average.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction} is out of range: use a value in [0, 1).")
 

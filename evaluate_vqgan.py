@@ -54,7 +54,8 @@ class EvaluateConfig:
     precision: str = option("fp32", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
     grid_images: int = option(8, "image pairs in reconstructions.png")
     seed: int = option(0, "seed of the demo crops (0, as in training)")
-    out: Optional[str] = option(None, "output folder (default: eval/<checkpoint name>/ in the checkpoint's run folder, -train added for --demo-split train)")
+    raw_weights: bool = option(False, "evaluate the trained weights, not their EMA (when the checkpoint has one)")
+    out: Optional[str] = option(None, "output folder (default: eval/<checkpoint name>/ in the checkpoint's run folder, -train added for --demo-split train, -raw for --raw-weights)")
 
     def __post_init__(self):
         check_finite(self)
@@ -69,7 +70,8 @@ def default_out(args: EvaluateConfig) -> Path:
     """A folder of its own per checkpoint (and per demo split): RUN/eval/<checkpoint name>/ for a
     checkpoint in a run folder's checkpoints/, else <name>_eval/ beside the file."""
     path = Path(args.checkpoint)
-    name = path.stem + ("-train" if args.dataset_path is None and args.demo_split == "train" else "")
+    name = (path.stem + ("-train" if args.dataset_path is None and args.demo_split == "train" else "")
+            + ("-raw" if args.raw_weights else ""))
     return path.parent.parent / "eval" / name if path.parent.name == "checkpoints" else path.parent / f"{name}_eval"
 
 
@@ -166,7 +168,7 @@ def main(args: EvaluateConfig) -> dict:
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         raise UserError(f"--inception-weights {args.inception_weights} is not a file: give the path of "
                         f"{INCEPTION_FILE} (torch-fidelity's Inception weights).")
-    model = VQGAN.from_checkpoint(args.checkpoint, config=args.config).to(device).eval()
+    model = VQGAN.from_checkpoint(args.checkpoint, config=args.config, raw=args.raw_weights).to(device).eval()
     cfg = model.config
     size = args.image_size or cfg.resolution
     if size % cfg.downsample_factor:

@@ -86,6 +86,19 @@ def resumed_config(train_cls, model_cls, given: dict, presets: dict[str, Preset]
     return build_config(train_cls, model_cls, values)
 
 
+def check_init_from(given: dict, model_cls) -> None:
+    """--init-from starts a new run with the file's architecture: no --resume, and no model flag
+    or preset that would contradict the file."""
+    if given.get("resume") is not None:
+        raise UserError("--init-from starts a new run from weights and --resume continues a run: give one of them.")
+    model_flags = [k for k in given if k in {f.name for f in fields(model_cls)} | {"preset"}]
+    if model_flags:
+        raise UserError(f"--init-from takes the architecture from {given['init_from']}: drop "
+                        + ", ".join(flag_name(k) for k in model_flags) + ".")
+    if given.get("vqgan_checkpoint") is not None:
+        raise UserError("--init-from brings its own VQGAN (a stage-2 model carries one): drop --vqgan-checkpoint.")
+
+
 def _parse_training(train_cls, model_cls, presets, demo, description, argv):
     parser = argparse.ArgumentParser(description=description, epilog=f"Presets: {', '.join(presets)}. A preset sets "
                                      "defaults; flags override it. Without --dataset-path the demo's settings apply "
@@ -102,6 +115,8 @@ def _parse_training(train_cls, model_cls, presets, demo, description, argv):
                            "applied) as JSON, and exit")
     given = given_values(parser.parse_args(argv))
     config_file, show = given.pop("config_file", None), given.pop("print_config", False)
+    if given.get("init_from") is not None:
+        check_init_from(given, model_cls)
     if given.get("resume") is not None:
         if config_file is not None:
             raise UserError("--config starts a new run and --resume continues one: give one of them.")

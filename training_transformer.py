@@ -29,12 +29,14 @@ from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_stric
 from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from distributed import DistInfo, all_finite, is_main_process
+from ema import EMA, restore_ema
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape
 from runconfig import parse_train_transformer
 from runfolder import RunFolder, start_run
 from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, interactive, log,
                    lr_at, resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
+from pretrained import WEIGHTS_NAME
 from vqgan import VQGAN, vqgan_from_stage2
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -83,6 +85,13 @@ class Stage2:
     learning_rate: float  # after --scale-lr
     total_steps: int  # the last step of the run (the cosine schedule ends there)
     model_train: nn.Module  # the DDP wrapper under torchrun, else model
+    ema: Optional[EMA] = None  # --ema-decay: the average of the GPT's weights
+
+    def eval_weights(self):
+        """Validation and sample grids: the EMA weights swapped in (unless --raw-weights)."""
+        if self.ema is None or self.cfg.raw_weights:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in(self.model.gpt)
 
 
 def to_tokens(s: Stage2, x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +128,12 @@ def train_step(s: Stage2, micro: list, step: int) -> dict:
     if cfg.grad_clip > 0:
         s.scaler.unscale_(s.opt)
         logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(s.model.gpt.parameters(), cfg.grad_clip)
+    scale = s.scaler.get_scale() if s.scaler.is_enabled() else None
     s.scaler.step(s.opt)
     s.scaler.update()
+    stepped = scale is None or s.scaler.get_scale() >= scale  # fp16: the scale shrinks when the step was skipped
+    if s.ema is not None and stepped:
+        s.ema.update(s.model.gpt)
     return logs
 
 
@@ -134,7 +147,8 @@ def build_stage2(cfg: TrainTransformerConfig, model: VQGANTransformer, device: t
     # the frozen VQGAN has no trainable parameters for DDP to synchronize
     model_train = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled else model
     return Stage2(cfg=cfg, model=model, opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                  device=device, amp_dtype=amp_dtype, learning_rate=lr, total_steps=total_steps, model_train=model_train)
+                  device=device, amp_dtype=amp_dtype, learning_rate=lr, total_steps=total_steps, model_train=model_train,
+                  ema=EMA(model.gpt, cfg.ema_decay) if cfg.ema_decay > 0 else None)
 
 
 @torch.no_grad()
@@ -142,13 +156,14 @@ def evaluate_loss(s: Stage2, loader, max_batches: int = 0) -> Optional[float]:
     """Mean next-token loss over the first max_batches validation batches (all when 0)."""
     s.model.eval()
     losses = []
-    for i, batch in enumerate(loader):
-        if 0 < max_batches <= i:
-            break
-        x, labels = split_batch(batch)
-        with autocast(s.device, s.amp_dtype):
-            _, loss = s.model(to_tokens(s, x), labels.to(s.device) if s.model.conditional else None)
-        losses.append(loss.float())
+    with s.eval_weights():
+        for i, batch in enumerate(loader):
+            if 0 < max_batches <= i:
+                break
+            x, labels = split_batch(batch)
+            with autocast(s.device, s.amp_dtype):
+                _, loss = s.model(to_tokens(s, x), labels.to(s.device) if s.model.conditional else None)
+            losses.append(loss.float())
     s.model.train()
     return torch.stack(losses).mean().item() if losses else None
 
@@ -179,7 +194,8 @@ def checkpoint_dict(s: Stage2, step: int) -> dict:
             "model": m.gpt.state_dict(), "model_config": config_to_dict(m.gpt.config),
             "vqgan": m.vqgan.state_dict(), "vqgan_config": config_to_dict(m.vqgan.config),
             "classes": list(m.classes), "optimizer": s.opt.state_dict(), "scaler": s.scaler.state_dict(),
-            "train_config": config_to_dict(s.cfg), "rng": run_rng_state()}
+            "train_config": config_to_dict(s.cfg), "rng": run_rng_state(),
+            **({"ema": s.ema.state_dict()} if s.ema is not None else {})}
 
 
 def load_resume(path: str) -> dict:
@@ -205,17 +221,37 @@ def restore(s: Stage2, ckpt: dict, path: str) -> int:
     note = load_scaler(s.scaler, ckpt["scaler"])
     if note:
         log(f"resuming: {note}")
+    restore_ema(s.ema, s.model.gpt, ckpt, path)
     set_run_rng_state(ckpt["rng"], path)
     if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
         raise UserError(f"{path} records step {ckpt['step']!r}: the checkpoint is damaged.")
     return ckpt["step"]
 
 
-def load_vqgan(cfg: TrainTransformerConfig, resumed: Optional[dict], resume: Optional[str]) -> tuple[VQGAN, str]:
+def load_init(path: str) -> VQGANTransformer:
+    """--init-from: the stage-2 model to fine-tune (GPT and its VQGAN; the EMA weights when the
+    file has them), from one of our stage-2 checkpoints or a model folder."""
+    file = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
+    if os.path.isdir(path) and not os.path.isfile(file):
+        raise UserError(f"--init-from {path} is a folder without {WEIGHTS_NAME}: give a stage-2 model folder or "
+                        "checkpoint.")
+    ckpt = load_checkpoint(file)
+    if ckpt.get("kind") != "transformer":
+        raise UserError(f"--init-from {path} is not one of this project's stage-2 checkpoints or model folders "
+                        f"(kind '{ckpt.get('kind', 'reference' if 'state_dict' in ckpt else None)}'): fine-tuning "
+                        "starts from a GPT trained here (a VQGAN goes to --vqgan-checkpoint).")
+    return VQGANTransformer.from_checkpoint_dict(ckpt, f"--init-from {path}")
+
+
+def load_vqgan(cfg: TrainTransformerConfig, resumed: Optional[dict], resume: Optional[str],
+               init: Optional[VQGANTransformer] = None) -> tuple[VQGAN, str]:
     """The frozen first stage and where it came from: a resumed run's own, whatever
-    --vqgan-checkpoint says now; else --vqgan-checkpoint, or the stage-1 demo's."""
+    --vqgan-checkpoint says now; the --init-from model's; else --vqgan-checkpoint, or the stage-1
+    demo's."""
     if resumed is not None:
         return vqgan_from_stage2(resumed, resume), resume
+    if init is not None:
+        return init.vqgan, cfg.init_from
     path = cfg.vqgan_checkpoint or DEMO_VQGAN_CHECKPOINT
     if cfg.vqgan_checkpoint is None and not os.path.isfile(path):
         raise UserError(f"no stage-1 checkpoint at {path}: run `python training_vqgan.py` first, "
@@ -227,7 +263,10 @@ def main(cfg: TrainTransformerConfig) -> dict:
     with contextlib.ExitStack() as scope:
         stop, device, dist_info, resume = start_run(cfg, scope)
         resumed = load_resume(resume) if resume else None
-        vqgan, vq_path = load_vqgan(cfg, resumed, resume)
+        init = load_init(cfg.init_from) if cfg.init_from is not None and resumed is None else None
+        if init is not None:  # fine-tuning: the file's GPT shape and classes
+            cfg = dataclasses.replace(cfg, model=init.gpt.config, conditional=init.conditional)
+        vqgan, vq_path = load_vqgan(cfg, resumed, resume, init)
         vqgan = vqgan.to(device)
         if cfg.sos_token is not None:
             warn(f"--sos-token {cfg.sos_token} is ignored: the start token has its own id after the codes and "
@@ -236,7 +275,8 @@ def main(cfg: TrainTransformerConfig) -> dict:
 
         mc = vqgan.config
         # filled from the subfolders; a resumed run must find the same classes
-        classes = (list(resumed["classes"]) if resumed else []) if cfg.conditional else None
+        known = resumed["classes"] if resumed else init.classes if init is not None else []
+        classes = list(known) if cfg.conditional else None
         train_ds, val_ds, description, skip_log, index = run_datasets(cfg, mc.resolution, mc.in_channels, cfg.augment,
                                                                       augment=cfg.augment, classes=classes)
         classes = classes or []
@@ -247,6 +287,10 @@ def main(cfg: TrainTransformerConfig) -> dict:
         steps_per_epoch, total_steps = run_length(cfg, len(train_ds), dist_info)
         s = build_stage2(cfg, model, device, total_steps, dist_info)
         step = restore(s, resumed, resume) if resumed else 0
+        if init is not None:
+            load_strict(model.gpt, init.gpt.state_dict(), f"--init-from {cfg.init_from}")
+            if s.ema is not None:
+                s.ema.reset(model.gpt)
         fixed, fixed_labels = split_batch(fixed_images(train_ds, val_ds, cfg.num_samples))
         if not cfg.augment and cfg.cache_tokens:
             train_ds = encode_dataset(model, train_ds, cfg.batch_size, cfg.num_workers, device)
@@ -268,14 +312,15 @@ def main(cfg: TrainTransformerConfig) -> dict:
             f"{vq_path}; device {device}")
         log(describe_batch(cfg, dist_info))
         log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch)"
-            + (f"; resumed at step {step}" if step else ""))
+            + (f"; resumed at step {step}" if step else "") + (f"; fine-tuning {cfg.init_from}" if init else "")
+            + (f"; EMA of the weights, decay {cfg.ema_decay:g}" if s.ema is not None else ""))
 
         def evaluate(at: int) -> dict:
             """Validation loss (logged even when the grid fails), then the sample grid of the fixed images."""
             val = evaluate_loss(s, val_loader, cfg.val_batches)
             if val is not None:
                 run.log_metrics(at, {"val_loss": val})
-            with autocast(device, s.amp_dtype):
+            with autocast(device, s.amp_dtype), s.eval_weights():
                 run.save_samples(sample_grid(s, fixed, fixed_labels, generator), at)
             return {}
 
@@ -284,7 +329,8 @@ def main(cfg: TrainTransformerConfig) -> dict:
         hooks = Hooks(train_step=lambda micro, at: train_step(s, micro, at), checkpoint=lambda at: checkpoint_dict(s, at),
                       evaluate=evaluate, lr=lambda at: lr_at(at, s.learning_rate, cfg.lr_warmup_steps, total_steps,
                                                              cfg.lr_schedule),
-                      rate=("tokens_per_s", per_step), shown=("loss",), replicas=[(model.gpt, True)])
+                      rate=("tokens_per_s", per_step), shown=("loss",),
+                      replicas=[(model.gpt, True)] + ([(s.ema, False)] if s.ema else []))
         batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
         step, stopped_by, failed = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log, stop)
         log(f"checkpoint: {run.last}; samples (rows: inputs, reconstructions, half completions, samples): "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -29,12 +30,15 @@ from codebook import CodebookStats, CodebookUsage
 from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from discriminator import NLayerDiscriminator
+from ema import EMA, restore_ema
 from distributed import DistInfo, all_finite, barrier, is_main_process
 from errors import UserError
 from losses import (LossWeights, backward_fused, discriminator_logits, discriminator_loss, generator_objective,
                     generator_terms)
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
+from official import checkpoint_kind, sub_state
+from pretrained import WEIGHTS_NAME
 from runconfig import parse_train_vqgan
 from runfolder import RunFolder, start_run
 from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, log, lr_at,
@@ -60,6 +64,13 @@ class Stage1:
     total_steps: int  # the last step of the run (the cosine schedule ends there)
     model_train: nn.Module  # what the steps call: the DDP wrappers under torchrun, else model and disc
     disc_train: nn.Module
+    ema: Optional[EMA] = None  # --ema-decay: the average of the VQGAN's weights
+
+    def eval_weights(self):
+        """Validation and sample grids: the EMA weights swapped in (unless --raw-weights)."""
+        if self.ema is None or self.cfg.raw_weights:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in(self.model)
 
     @property
     def weights(self) -> LossWeights:
@@ -141,6 +152,8 @@ def generator_step(s: Stage1, micro, step: int):
     ok = apply_update(s.opt_g, s.scaler_g, terms, s.model.parameters())
     if ok and stats[0] is not None:
         logs.update(s.model.quantize.update(CodebookStats.cat(stats)))
+    if ok and s.ema is not None:
+        s.ema.update(s.model)
     logs["skipped"] = torch.tensor(0.0 if ok else 1.0)
     return logs, x_recs, indices
 
@@ -228,7 +241,8 @@ def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Option
                   scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
                   scaler_d=torch.amp.GradScaler(device.type, enabled=fp16), device=device, amp_dtype=amp_dtype,
                   usage=CodebookUsage(cfg.model.n_embed, cfg.usage_window), learning_rate=lr, total_steps=total_steps,
-                  model_train=model_train, disc_train=disc_train)
+                  model_train=model_train, disc_train=disc_train,
+                  ema=EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None)
 
 
 def compile_stage1(model: VQGAN, disc: nn.Module, perceptual: Optional[nn.Module]) -> None:
@@ -248,7 +262,8 @@ def checkpoint_dict(s: Stage1, step: int) -> dict:
             "discriminator": s.disc.state_dict(),
             "opt_g": s.opt_g.state_dict(), "opt_d": s.opt_d.state_dict(),
             "scaler_g": s.scaler_g.state_dict(), "scaler_d": s.scaler_d.state_dict(),
-            "train_config": config_to_dict(s.cfg), "rng": run_rng_state()}
+            "train_config": config_to_dict(s.cfg), "rng": run_rng_state(),
+            **({"ema": s.ema.state_dict()} if s.ema is not None else {})}
 
 
 # What a resumed run must keep: the architecture (model config) and these settings of the discriminator.
@@ -290,10 +305,41 @@ def restore(s: Stage1, ckpt: dict, path: str) -> int:
         note = load_scaler(scaler, ckpt[key])
         if note and key == "scaler_g":
             log(f"resuming: {note}")
+    restore_ema(s.ema, s.model, ckpt, path)
     set_run_rng_state(ckpt["rng"], path)
     if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
         raise UserError(f"{path} records step {ckpt['step']!r}: the checkpoint is damaged.")
     return ckpt["step"]
+
+
+def load_init(cfg: TrainVQGANConfig) -> tuple[TrainVQGANConfig, VQGAN, Optional[dict]]:
+    """--init-from: the weights to fine-tune (the EMA weights when the file has them), the
+    config with the file's architecture, and the discriminator's weights when the file has one
+    (ours: its "discriminator"; the reference's: loss.discriminator.*)."""
+    path = cfg.init_from
+    file = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
+    if os.path.isdir(path) and not os.path.isfile(file):
+        raise UserError(f"--init-from {path} is a folder without {WEIGHTS_NAME}: give a model folder, a checkpoint "
+                        "file or a taming-transformers .ckpt.")
+    ckpt = load_checkpoint(file)
+    model = VQGAN.from_checkpoint_dict(ckpt, f"--init-from {path}")
+    disc = ckpt.get("discriminator")
+    if checkpoint_kind(ckpt) == "reference-vqgan":
+        disc = sub_state(ckpt["state_dict"], "loss.discriminator.") or None
+    if disc is not None and isinstance(ckpt.get("train_config"), dict):  # our run: its discriminator's shape
+        saved = ckpt["train_config"]
+        cfg = dataclasses.replace(cfg, disc_ndf=saved.get("disc_ndf", cfg.disc_ndf),
+                                  disc_layers=saved.get("disc_layers", cfg.disc_layers))
+    return dataclasses.replace(cfg, model=model.config), model, disc
+
+
+def apply_init(s: Stage1, model: VQGAN, disc: Optional[dict], path: str) -> None:
+    """The --init-from weights into the built stage (its EMA, if any, starts from them)."""
+    load_strict(s.model, model.state_dict(), f"--init-from {path}")
+    if disc is not None:
+        load_strict(s.disc, disc, f"--init-from {path} (discriminator; --disc-ndf and --disc-layers must match it)")
+    if s.ema is not None:
+        s.ema.reset(s.model)
 
 
 def setup_perceptual(cfg: TrainVQGANConfig) -> tuple[TrainVQGANConfig, Optional[LPIPS]]:
@@ -317,13 +363,14 @@ def evaluate_psnr(s: Stage1, loader, max_batches: int = 0) -> Optional[float]:
     was_training = s.model.training
     s.model.eval()
     values = []
-    for i, x in enumerate(loader):
-        if 0 < max_batches <= i:
-            break
-        x = x.to(s.device, non_blocking=True)
-        with autocast(s.device, s.amp_dtype):
-            x_rec = s.model(x).x_rec
-        values.append(psnr(x, x_rec.clamp(-1, 1)))
+    with s.eval_weights():
+        for i, x in enumerate(loader):
+            if 0 < max_batches <= i:
+                break
+            x = x.to(s.device, non_blocking=True)
+            with autocast(s.device, s.amp_dtype):
+                x_rec = s.model(x).x_rec
+            values.append(psnr(x, x_rec.clamp(-1, 1)))
     s.model.train(was_training)
     return torch.cat(values).mean().item() if values else None
 
@@ -332,6 +379,10 @@ def main(cfg: TrainVQGANConfig) -> dict:
     with contextlib.ExitStack() as scope:
         stop, device, dist_info, resume = start_run(cfg, scope)
         resumed = load_resume(resume, cfg) if resume else None
+        init = None
+        if cfg.init_from is not None and resumed is None:  # fine-tuning: the file's architecture
+            cfg, init_model, init_disc = load_init(cfg)
+            init = (init_model, init_disc)
         seed_everything(cfg.seed + dist_info.rank)  # per-process random streams (data order has its own seed)
 
         mc = cfg.model
@@ -342,6 +393,8 @@ def main(cfg: TrainVQGANConfig) -> dict:
         steps_per_epoch, total_steps = run_length(cfg, len(train_ds), dist_info)
         s = build_stage1(cfg, device, perceptual, total_steps, dist_info)
         step = restore(s, resumed, resume) if resumed else 0
+        if init is not None:
+            apply_init(s, *init, cfg.init_from)
         # Every check has passed: only now is the run folder written (and locked).
         run = scope.enter_context(RunFolder.of(cfg, resuming=resumed is not None))
         skip_log.start_writing()
@@ -359,7 +412,10 @@ def main(cfg: TrainVQGANConfig) -> dict:
         gan = (f"discriminator from step {cfg.disc_start}" if cfg.disc_start < total_steps and cfg.disc_factor > 0
                else f"discriminator off in this run (--disc-start {cfg.disc_start}, --disc-factor {cfg.disc_factor:g})")
         log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch); {gan}"
-            + (f"; resumed at step {step}" if step else ""))
+            + (f"; resumed at step {step}" if step else "")
+            + (f"; fine-tuning {cfg.init_from}" + (" (with its discriminator)" if init[1] is not None else "")
+               if init is not None else "")
+            + (f"; EMA of the weights, decay {cfg.ema_decay:g}" if s.ema is not None else ""))
         # Validation and sample grids on rank 0 only; the others wait at the barrier.
         psnr_before = evaluate_psnr(s, val_loader, cfg.val_batches) if is_main_process() else None
         psnr_after = [psnr_before]  # the newest validation PSNR, set by evaluate()
@@ -373,7 +429,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
         def evaluate(at: int) -> dict:
             """Inputs above reconstructions of the fixed validation images, and the validation PSNR."""
             psnr_after[0] = None
-            with torch.no_grad(), autocast(device, s.amp_dtype):
+            with torch.no_grad(), autocast(device, s.amp_dtype), s.eval_weights():
                 s.model.eval()
                 rec = s.model(fixed).x_rec
                 s.model.train()
@@ -388,7 +444,8 @@ def main(cfg: TrainVQGANConfig) -> dict:
                       lr=lambda at: lr_at(at, s.learning_rate, cfg.lr_warmup_steps, total_steps, cfg.lr_schedule),
                       rate=("images_per_s", global_batch(cfg, dist_info)),
                       shown=("rec_loss", "p_loss", "q_loss", "d_weight", "usage", "usage_window"),
-                      replicas=[(s.model, True), (s.disc, False)])  # BatchNorm statistics are per process
+                      # BatchNorm statistics are per process
+                      replicas=[(s.model, True), (s.disc, False)] + ([(s.ema, False)] if s.ema else []))
         batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
         step, stopped_by, failed = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log, stop)
         measured = psnr_after[0] is not None and math.isfinite(psnr_after[0])
