@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,20 +59,33 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, size: int = 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset
 
 
-class ReconstructionFID:
-    """rFID between images and their reconstructions. `weights` is torch-fidelity's Inception
-    file; it is read with the project's safe loader (no code runs), then handed to the library
-    as a plain copy, because the library itself would unpickle it without restriction."""
+class InceptionFID:
+    """FID (Heusel et al. 2017) between two sets of images, with the TensorFlow Inception network
+    that published numbers use (torch-fidelity's port, through torchmetrics). `weights`: its
+    weights file (weights-inception-2015-12-05-6726825d.pth); None downloads it once into torch's cache (the library
+    checks its hash). A file given is read with the project's safe loader (no code runs), then
+    handed to the library as a plain copy, because the library itself would unpickle it without
+    restriction."""
 
-    def __init__(self, weights: str, device: torch.device):
+    def __init__(self, weights: Optional[str], device: torch.device):
         try:
             from torchmetrics.image.fid import FrechetInceptionDistance
         except ImportError:
-            raise UserError("rFID needs torchmetrics and torch-fidelity: pip install -r requirements.txt.") from None
+            raise UserError("FID needs torchmetrics and torch-fidelity: pip install -r requirements.txt.") from None
+        self.device = device
+        if weights is None:
+            try:
+                self.fid = FrechetInceptionDistance(feature=2048, normalize=True).to(device)
+            except Exception as e:  # offline: the download fails (the error type depends on the library)
+                raise UserError(f"the Inception weights for FID could not be downloaded ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Run once with internet "
+                                f"access, or download torch-fidelity's weights-inception-2015-12-05-6726825d.pth and pass it with "
+                                "--inception-weights.") from None
+            return
         state = load_checkpoint(weights, map_location="cpu")
         if not all(isinstance(v, torch.Tensor) for v in state.values()) or "Mixed_7c.branch_pool.conv.weight" not in state:
             raise UserError(f"{weights} is not the Inception state dict that torch-fidelity uses: give its file "
-                            f"{INCEPTION_FILE} (a release asset of the torch-fidelity project).")
+                            f"weights-inception-2015-12-05-6726825d.pth (a release asset of the torch-fidelity project).")
         with tempfile.TemporaryDirectory() as tmp:
             plain = os.path.join(tmp, "inception.pth")
             torch.save({k: v.contiguous() for k, v in state.items()}, plain)
@@ -80,14 +94,26 @@ class ReconstructionFID:
                                                     feature_extractor_weights_path=plain).to(device)
             except RuntimeError as e:
                 raise UserError(f"{weights} does not match torch-fidelity's Inception network ({e}): give "
-                                f"{INCEPTION_FILE}.") from None
-        self.device = device
+                                f"weights-inception-2015-12-05-6726825d.pth.") from None
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, real: bool) -> None:
+        """Images (B, 3, H, W) in [0, 1]; `real`: the reference set, else the set measured."""
+        self.fid.update(images.float().clamp(0, 1).to(self.device), real=real)
+
+    def compute(self) -> float:
+        return float(self.fid.compute())
+
+
+class ReconstructionFID(InceptionFID):
+    """rFID between images and their reconstructions, with InceptionFID's network (`weights`
+    required: evaluation never downloads)."""
+
+    def __init__(self, weights: str, device: torch.device):
+        super().__init__(weights, device)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
         """Images in [-1, 1], 3 channels."""
-        self.fid.update(((x.float() + 1) / 2).clamp(0, 1).to(self.device), real=True)
-        self.fid.update(((x_rec.float() + 1) / 2).clamp(0, 1).to(self.device), real=False)
-
-    def compute(self) -> float:
-        return float(self.fid.compute())
+        super().update((x.float() + 1) / 2, real=True)
+        super().update((x_rec.float() + 1) / 2, real=False)

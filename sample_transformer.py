@@ -4,20 +4,30 @@
     python sample_transformer.py ... --class-label dog --cfg-scale 3 --top-k 100
     python sample_transformer.py ... --grid 16 32      # larger than the training grid: sliding window
 
-Writes one PNG per sample (sample_0000.png, ...) and grid.png into --out.
+    python sample_transformer.py ... --num-samples 50000 --npz samples.npz --no-png   # for generation FID
+    torchrun --nproc_per_node 8 sample_transformer.py ... --per-class 50 --npz samples.npz  # ranks split the work
+
+Writes one PNG per sample (sample_0000.png, ...) and grid.png into --out, and with --npz all
+samples as one uint8 array (N, H, W, 3) under `arr_0`, the layout generation-FID tools read
+(fid.py here; the ADM evaluator). Under torchrun each process samples its share with its own
+random stream (seed + rank) and rank 0 gathers and writes everything, in sample order.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torchvision.utils import save_image
 
 from config import check_finite, require
+from distributed import cleanup_distributed, is_distributed, is_main_process, setup_distributed
 from errors import UserError
 from flags import option, parse_into
 from transformer import VQGANTransformer, check_sampling_args
@@ -36,6 +46,10 @@ class SampleConfig:
     cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)")
     grid: Optional[tuple[int, ...]] = option(None, "token grid to sample; larger than the training grid uses the sliding window (default: the training grid)", nargs=2, metavar=("H", "W"))
     batch_size: int = option(16, "images sampled at once")
+    per_class: Optional[int] = option(None, "class-conditional models: this many samples of every class, in class order (instead of --num-samples and --class-label)")
+    npz: Optional[str] = option(None, "also write all samples to this .npz file: uint8 (N, H, W, 3) under arr_0, for generation FID")
+    png: bool = option(True, "write sample_NNNN.png files and grid.png into --out (--no-png: only the --npz file)")
+    raw_weights: bool = option(False, "sample with the trained weights, not their EMA (when the checkpoint has one)")
     cache: bool = option(True, "sample with the key/value cache (--no-cache: full forwards, slower; for checks)")
     seed: int = option(0, "random seed")
     device: str = option("auto", "torch device; auto = cuda when available, else cpu")
@@ -43,7 +57,13 @@ class SampleConfig:
 
     def __post_init__(self):
         check_finite(self)
-        require(self, dict(num_samples=1, batch_size=1))
+        require(self, dict(num_samples=1, batch_size=1, per_class=1))
+        if not self.png and self.npz is None:
+            raise UserError("--no-png leaves nothing to write: give --npz FILE too.")
+        if self.npz is not None and not self.npz.endswith(".npz"):
+            raise UserError(f"--npz {self.npz}: name the file NAME.npz.")
+        if self.per_class is not None and self.class_label is not None:
+            raise UserError("--per-class samples every class: drop --class-label.")
         check_sampling_args(self.temperature, self.top_k, self.top_p, error=UserError)
         if self.grid is not None and min(self.grid) < 1:
             raise UserError(f"--grid {' '.join(map(str, self.grid))} must be two positive sizes.")
@@ -70,36 +90,102 @@ def resolve_label(model: VQGANTransformer, label: Optional[str]) -> Optional[int
     return int(label)
 
 
+def sample_labels(model: VQGANTransformer, args: SampleConfig) -> list[Optional[int]]:
+    """The class of each sample to draw (None: unconditional), in output order."""
+    if args.per_class is not None:
+        if not model.conditional:
+            raise UserError("--per-class needs a class-conditional model; this one is unconditional: use "
+                            "--num-samples.")
+        return [c for c in range(len(model.classes)) for _ in range(args.per_class)]
+    return [resolve_label(model, args.class_label)] * args.num_samples
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), rounded."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def gather_samples(mine: torch.Tensor, total: int, share: int, device: torch.device) -> torch.Tensor:
+    """Every process's samples (contiguous shares of `share`, the last one shorter), in order."""
+    if not is_distributed():
+        return mine
+    padded = torch.zeros((share, *mine.shape[1:]), dtype=mine.dtype)
+    padded[:len(mine)] = mine
+    padded = padded.to(device)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p.cpu() for p in parts])[:total]
+
+
+def write_npz(path: str, images: np.ndarray) -> None:
+    """np.savez into a temporary file beside `path`, then renamed: never a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, arr_0=images)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def main(args: SampleConfig) -> list[str]:
-    device = resolve_device(args.device)
-    model = VQGANTransformer.from_checkpoint(args.checkpoint, config=args.config, map_location=device).to(device)
-    label = resolve_label(model, args.class_label)
+    device, info = setup_distributed(resolve_device(args.device))
+    try:
+        return sample_all(args, device, info.rank, info.world_size)
+    finally:
+        cleanup_distributed()
+
+
+def sample_all(args: SampleConfig, device: torch.device, rank: int, world: int) -> list[str]:
+    model = VQGANTransformer.from_checkpoint(args.checkpoint, config=args.config, map_location=device,
+                                             raw=args.raw_weights).to(device)
+    labels = sample_labels(model, args)
     # Check everything the model decides before writing anything.
-    if args.cfg_scale != 1.0 and label is None:
-        raise UserError("--cfg-scale steers samples towards a class: give --class-label too, or drop --cfg-scale.")
+    if args.cfg_scale != 1.0 and labels[0] is None:
+        raise UserError("--cfg-scale steers samples towards a class: give --class-label (or --per-class) too, or "
+                        "drop --cfg-scale.")
     if args.cfg_scale != 1.0 and not model.layout.has_null_class:
         raise UserError("--cfg-scale needs a 'no class' token, which the reference's transformers do not have: "
                         "drop --cfg-scale.")
     h, w = model.latent_shape
     if args.grid is not None and (args.grid[0] < h or args.grid[1] < w):
         raise UserError(f"--grid {args.grid[0]} {args.grid[1]} is smaller than the training grid {h} {w}.")
-    writable_folder(args.out, "--out")
+    if args.png:
+        writable_folder(args.out, "--out")
+    if args.npz is not None:
+        writable_folder(os.path.dirname(os.path.abspath(args.npz)), "--npz's folder")
 
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    share = math.ceil(len(labels) / world)  # this process's samples: a contiguous share
+    mine = labels[rank * share:(rank + 1) * share]
+    generator = torch.Generator(device=device).manual_seed(args.seed + rank)
     images = []
-    for start in range(0, args.num_samples, args.batch_size):
-        n = min(args.batch_size, args.num_samples - start)
-        indices = model.sample(n, label, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    for start in range(0, len(mine), args.batch_size):
+        batch = mine[start:start + args.batch_size]
+        cond = None if batch[0] is None else batch
+        indices = model.sample(len(batch), cond, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                cfg_scale=args.cfg_scale, use_cache=args.cache, generator=generator,
                                grid=args.grid)
-        images.append(model.indices_to_images(indices).float().cpu())
-    images = torch.cat(images)
+        images.append(to_uint8(model.indices_to_images(indices)))
+    c = model.vqgan.config.out_channels
+    side = (args.grid[0] * model.vqgan.config.downsample_factor, args.grid[1] * model.vqgan.config.downsample_factor) \
+        if args.grid is not None else (model.vqgan.config.resolution,) * 2
+    images = torch.cat(images) if images else torch.zeros((0, *side, c), dtype=torch.uint8)
+    images = gather_samples(images, len(labels), share, device)
     paths = []
-    for i, image in enumerate(images):
-        paths.append(os.path.join(args.out, f"sample_{i:04d}.png"))
-        save_image((image + 1) / 2, paths[-1])
-    save_image((images + 1) / 2, os.path.join(args.out, "grid.png"), nrow=math.ceil(len(images) ** 0.5), padding=2)
-    log(f"wrote {len(paths)} samples and grid.png to {args.out}")
+    if not is_main_process():
+        return paths
+    if args.npz is not None:
+        write_npz(args.npz, images.numpy())
+        log(f"wrote {args.npz}: uint8 {tuple(images.shape)} under arr_0")
+    if args.png:
+        chw = images.permute(0, 3, 1, 2).float() / 255
+        for i, image in enumerate(chw):
+            paths.append(os.path.join(args.out, f"sample_{i:04d}.png"))
+            save_image(image, paths[-1])
+        save_image(chw, os.path.join(args.out, "grid.png"), nrow=math.ceil(len(chw) ** 0.5), padding=2)
+        log(f"wrote {len(paths)} samples and grid.png to {args.out}")
     return paths
 
 
