@@ -127,8 +127,8 @@ def help_entries(text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command", [["training_vqgan"], ["training_transformer"], ["evaluate_vqgan"],
-                                     ["sample_transformer"], ["vqgan", "convert"], ["benchmark", "stage1"],
-                                     ["benchmark", "gpt"], ["benchmark", "sample"]])
+                                     ["sample_transformer"], ["vqgan", "convert"], ["vqgan", "export"],
+                                     ["benchmark", "stage1"], ["benchmark", "gpt"], ["benchmark", "sample"], ["fid"]])
 def test_every_cli_renders_its_help(cli, command):
     """Help renders (a stray % would be a traceback or a raw dict), one default per flag, and the
     training scripts say where the demo's settings and a resumed run's configuration apply."""

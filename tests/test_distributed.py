@@ -1,11 +1,13 @@
 """torchrun / DistributedDataParallel on the CPU (gloo, 2 processes): both training scripts, equal
 replicas, the 2 x b = 1 x 2b equivalence of a generator update, and resume under torchrun."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +15,7 @@ import torch.multiprocessing as mp
 
 from config import TrainVQGANConfig
 from conftest import NO_NETWORK, ROOT, TINY_FLAGS
+from sample_transformer import SampleConfig, sample_all
 from training_vqgan import build_stage1, generator_step
 from distributed import DistInfo
 from utils import seed_everything
@@ -30,13 +33,14 @@ def torchrun(*args, nproc=2):
 @pytest.mark.slow
 def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, tmp_path):
     run = tmp_path / "vqgan"
-    codebook = ["--codebook-ema", "0.9", "--codebook-restart-after", "1", "--codebook-kmeans-init"]
+    codebook = ["--codebook-ema", "0.9", "--codebook-restart-after", "1", "--codebook-kmeans-init", "--ema-decay", "0.9"]
     first = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(run), *STAGE1, *codebook,
                      "--max-steps", "2", "--disc-start", "1", "--grad-accum", "2")  # separate real and fake passes
     assert first.returncode == 0, first.stderr[-3000:]
     assert "weights identical on all 2 processes" in first.stdout
     assert "global batch 8 = 2 per process x 2 x 2 accumulated" in first.stdout
     assert first.stdout.count("validation PSNR before training") == 1  # only rank 0 prints
+    assert "EMA of the weights, decay 0.9" in first.stdout  # its tensors are among the replicas compared
 
     resumed = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(run), *STAGE1, *codebook,
                        "--max-steps", "4", "--disc-start", "1", "--grad-accum", "2", "--resume", "latest")
@@ -52,7 +56,8 @@ def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, t
     stage2 = torchrun("training_transformer.py", "--dataset-path", str(images), "--vqgan-checkpoint",
                       str(run / "checkpoints" / "last.pt"), "--output-dir", str(tmp_path / "gpt"), "--n-layer", "1",
                       "--n-head", "2", "--n-embd", "32", "--batch-size", "2", "--num-workers", "0", "--device", "cpu",
-                      "--max-steps", "2", "--val-fraction", "0.2", "--num-samples", "2", "--grad-accum", "2")
+                      "--max-steps", "2", "--val-fraction", "0.2", "--num-samples", "2", "--grad-accum", "2",
+                      "--ema-decay", "0.9")
     assert stage2.returncode == 0, stage2.stderr[-3000:]
     assert "weights identical on all 2 processes" in stage2.stdout
 
@@ -83,51 +88,77 @@ def _config(tiny_cfg, batch_size):
                             disc_ndf=16, disc_layers=2, disc_start=10**9)
 
 
-def _worker(rank, world, init_file, tiny_cfg, x, out):
+def _worker(rank, world, init_file, cfgs, x, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_default_dtype(torch.float64)  # as the single process in the test
     try:
-        seed_everything(0)
-        s = build_stage1(_config(tiny_cfg, x.shape[0] // world), torch.device("cpu"), None, 10, DistInfo(rank, rank, world))
-        half = x.shape[0] // world
-        generator_step(s, x[rank * half:(rank + 1) * half], step=0)
-        torch.save({"state": {k: v.clone() for k, v in s.model.state_dict().items()},
-                    "grad": {k: p.grad.clone() for k, p in s.model.named_parameters() if p.grad is not None}},
-                   f"{out}.{rank}")
+        for i, cfg in enumerate(cfgs):
+            seed_everything(0)
+            s = build_stage1(_config(cfg, x.shape[0] // world), torch.device("cpu"), None, 10, DistInfo(rank, rank, world))
+            half = x.shape[0] // world
+            generator_step(s, x[rank * half:(rank + 1) * half], step=0)
+            torch.save({"state": {k: v.clone() for k, v in s.model.state_dict().items()},
+                        "grad": {k: p.grad.clone() for k, p in s.model.named_parameters() if p.grad is not None}},
+                       f"{out}.{i}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_two_processes_of_batch_b_update_like_one_process_of_batch_2b(tiny_cfg, tmp_path, float64, ema):
+def test_two_processes_of_batch_b_update_like_one_process_of_batch_2b(tiny_cfg, tmp_path, float64):
     """Without the GAN term (BatchNorm statistics are per process) the generator's update is a
-    mean over the batch: DDP's averaged gradients (and the all-reduced EMA statistics) must
-    give the single-process update. Equal in exact arithmetic, so everything runs in float64
-    and is compared tightly. Gradients are compared rather than Adam's first step, which is
-    lr * sign(g) and so flips on rounding noise where a gradient is ~0 (conv biases before
-    GroupNorm)."""
+    mean over the batch: DDP's averaged gradients (and the all-reduced EMA statistics of an EMA
+    codebook, the second case) must give the single-process update. Equal in exact arithmetic,
+    so everything runs in float64 and is compared tightly. Gradients are compared rather than
+    Adam's first step, which is lr * sign(g) and so flips on rounding noise where a gradient is
+    ~0 (conv biases before GroupNorm). Both cases share one pair of processes."""
     import dataclasses
 
-    cfg = dataclasses.replace(tiny_cfg, codebook_ema=ema)
+    cfgs = [dataclasses.replace(tiny_cfg, codebook_ema=ema) for ema in (0.0, 0.9)]
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
     out = str(tmp_path / "state")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), cfg, x, out), nprocs=2, join=True)
-    seed_everything(0)
-    single = build_stage1(_config(cfg, 4), torch.device("cpu"), None, 10)
-    generator_step(single, x, step=0)
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
-    for name, value in single.model.state_dict().items():
-        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name  # identical replicas
-        if name.startswith("quantize."):  # the EMA codebook and its statistics (not moved by Adam)
-            torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-10, atol=1e-13, msg=name)
-    grads = {k: p.grad for k, p in single.model.named_parameters() if p.grad is not None}
-    assert set(grads) == set(ranks[0]["grad"])
-    for name, grad in grads.items():
-        # atol: gradients that are zero in exact arithmetic come out as float64 rounding noise
-        assert grad.dtype == torch.float64
-        torch.testing.assert_close(ranks[0]["grad"][name], grad, rtol=1e-9, atol=1e-13, msg=name)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), cfgs, x, out), nprocs=2, join=True)
+    for i, cfg in enumerate(cfgs):
+        seed_everything(0)
+        single = build_stage1(_config(cfg, 4), torch.device("cpu"), None, 10)
+        generator_step(single, x, step=0)
+        ranks = [torch.load(f"{out}.{i}.{r}") for r in range(2)]
+        for name, value in single.model.state_dict().items():
+            assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name  # identical replicas
+            if name.startswith("quantize."):  # the EMA codebook and its statistics (not moved by Adam)
+                torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-10, atol=1e-13, msg=name)
+        grads = {k: p.grad for k, p in single.model.named_parameters() if p.grad is not None}
+        assert set(grads) == set(ranks[0]["grad"])
+        for name, grad in grads.items():
+            # atol: gradients that are zero in exact arithmetic come out as float64 rounding noise
+            assert grad.dtype == torch.float64
+            torch.testing.assert_close(ranks[0]["grad"][name], grad, rtol=1e-9, atol=1e-13, msg=name)
+
+
+def _sample_worker(rank, world, init_file, args):
+    os.environ["RANK"] = str(rank)  # as torchrun sets it: only rank 0 writes
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sample_all(args, torch.device("cpu"), rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_samples_and_rank_0_gathers_them_in_order(transformer_run, tmp_path):
+    """5 samples on 2 processes: rank 0 draws the first 3 with seed 0, rank 1 the other 2 with
+    seed 1, and the .npz holds all 5 in order: the same as one process drawing each share."""
+    args = SampleConfig(checkpoint=str(transformer_run.last), num_samples=5, batch_size=3, top_k=5, class_label="1",
+                        npz=str(tmp_path / "two.npz"), png=False, device="cpu")
+    mp.spawn(_sample_worker, args=(2, str(tmp_path / "init"), args), nprocs=2, join=True)
+    two = np.load(tmp_path / "two.npz")["arr_0"]
+    sample_all(dataclasses.replace(args, num_samples=3, npz=str(tmp_path / "a.npz")), torch.device("cpu"), 0, 1)
+    sample_all(dataclasses.replace(args, num_samples=2, seed=1, npz=str(tmp_path / "b.npz")), torch.device("cpu"), 0, 1)
+    expected = np.concatenate([np.load(tmp_path / f"{n}.npz")["arr_0"] for n in "ab"])
+    assert two.dtype == np.uint8 and two.shape == (5, 16, 16, 3)
+    # the same tokens; a decoded value on a rounding boundary may differ by one level between thread counts
+    assert np.abs(two.astype(int) - expected.astype(int)).max() <= 1
 
 
 @pytest.mark.slow

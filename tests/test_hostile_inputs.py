@@ -56,7 +56,7 @@ def test_numbers_are_checked_before_any_work(images, tmp_path, cli, script, args
 def test_guidance_without_a_class_is_refused(transformer_run, tmp_path, cli):
     r = cli("sample_transformer", "--checkpoint", transformer_run.last, "--cfg-scale", "3", "--out", tmp_path / "s",
             "--device", "cpu")
-    assert_user_error(r, "give --class-label too")
+    assert_user_error(r, "give --class-label (or --per-class) too")
     assert not (tmp_path / "s").exists()
 
 

@@ -18,10 +18,11 @@ from conftest import (NO_NETWORK, ROOT, TINY_FLAGS, assert_same_state, assert_us
                       write_images)
 
 STAGE1 = [*TINY_FLAGS, "--disc-start", "1", "--codebook-ema", "0.9", "--codebook-restart-after", "1",
-          "--codebook-kmeans-init", "--log-every", "1", "--sample-every", "100", "--save-every", "2", "--val-fraction", "0.2"]
+          "--codebook-kmeans-init", "--log-every", "1", "--sample-every", "100", "--save-every", "2", "--val-fraction", "0.2",
+          "--ema-decay", "0.9"]
 STAGE2 = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "2", "--num-workers", "0", "--device", "cpu",
           "--num-samples", "2", "--lr-warmup-steps", "1", "--pkeep", "0.7", "--log-every", "1", "--sample-every", "100",
-          "--save-every", "2", "--val-fraction", "0.2", "--augment"]
+          "--save-every", "2", "--val-fraction", "0.2", "--augment", "--ema-decay", "0.9"]
 
 
 def assert_resume_is_bit_identical(train, common, tmp_path, keys):
@@ -37,17 +38,17 @@ def assert_resume_is_bit_identical(train, common, tmp_path, keys):
 
 
 def test_stage1_resume_is_bit_identical(images, tmp_path):
-    """Weights, optimizer and scaler states (GAN on from step 1; EMA codebook with k-means init and
-    restarts)."""
+    """Weights, their EMA, optimizer and scaler states (GAN on from step 1; EMA codebook with
+    k-means init and restarts)."""
     assert_resume_is_bit_identical(lambda argv: training_vqgan.main(parse_train_vqgan(argv)),
                                    ["--dataset-path", str(images), *STAGE1], tmp_path,
-                                   ("model", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"))
+                                   ("model", "ema", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"))
 
 
 def test_stage2_resume_is_bit_identical(images, vqgan_run, tmp_path):
     assert_resume_is_bit_identical(lambda argv: training_transformer.main(parse_train_transformer(argv)),
                                    ["--dataset-path", str(images), "--vqgan-checkpoint", str(vqgan_run.last), *STAGE2],
-                                   tmp_path, ("model", "optimizer", "scaler", "rng"))
+                                   tmp_path, ("model", "ema", "optimizer", "scaler", "rng"))
 
 
 # ------------------------------------------------------------------------------ crashes, signals
@@ -261,17 +262,37 @@ def test_a_malicious_resume_checkpoint_never_runs_its_payload(images, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["training_vqgan", "training_transformer", "sample_transformer",
-                                    "evaluate_vqgan", "benchmark"])
-def test_every_script_run_as_a_program_exits_2_on_a_user_error(tmp_path, script):
-    """`python SCRIPT.py ...` as users type it: the exit code and the one error line come through
-    the script's __main__ (every other CLI test calls the same cli() in-process)."""
-    args = {"training_vqgan": ["--batch-size", "0"], "training_transformer": ["--batch-size", "0"],
-            "sample_transformer": ["--checkpoint", str(tmp_path / "missing.pt")],
-            "evaluate_vqgan": ["--checkpoint", str(tmp_path / "missing.pt")],
-            "benchmark": ["stage1", "--batch-size", "0", "--device", "cpu"]}[script]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *args], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120, env={**os.environ, **NO_NETWORK})
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_every_script_run_as_a_program_exits_2_on_a_user_error(tmp_path):
+    """Each script's __main__ as `python SCRIPT.py ...` runs it (every other CLI test calls the
+    same cli() in-process): the exit code and the one error line. One Python process runs them
+    all, each as __main__ with its own captured stderr (a process per script would cost seconds
+    each)."""
+    missing = str(tmp_path / "missing.pt")
+    cases = {"training_vqgan": ["--batch-size", "0"], "training_transformer": ["--batch-size", "0"],
+             "sample_transformer": ["--checkpoint", missing], "evaluate_vqgan": ["--checkpoint", missing],
+             "benchmark": ["stage1", "--batch-size", "0", "--device", "cpu"],
+             "vqgan": ["export", "--checkpoint", missing, "--out", str(tmp_path / "out")],
+             "fid": ["--samples", missing, "--reference", str(tmp_path)]}
+    driver = (
+        "import contextlib, io, json, runpy, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        f"cases = {cases!r}\n"
+        "results = {}\n"
+        "for script, args in cases.items():\n"
+        "    sys.argv, err, code = [script + '.py', *args], io.StringIO(), None\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        f"            runpy.run_path({ROOT!r} + '/' + script + '.py', run_name='__main__')\n"
+        "        except SystemExit as e:\n"
+        "            code = e.code\n"
+        "    results[script] = [code, err.getvalue()]\n"
+        "print(json.dumps(results))\n")
+    r = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, **NO_NETWORK})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(results) == sorted(cases)
+    for script, (code, err) in results.items():
+        assert code == 2, (script, err[-2000:])
+        assert err.startswith("error: ") and "Traceback" not in err, (script, err)
+        assert len(err.strip().splitlines()) == 1, (script, err)
