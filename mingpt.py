@@ -38,11 +38,34 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.resid_pdrop)
         self.register_load_state_dict_pre_hook(_drop_reference_mask)
 
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query, key and value projections as one (3C, C) weight and (3C,) bias: one matmul
+        instead of three (the state dict keeps the reference's three Linear layers)."""
+        return (torch.cat([self.query.weight, self.key.weight, self.value.weight]),
+                torch.cat([self.query.bias, self.key.bias, self.value.bias]))
+
+    def project(self, x: torch.Tensor, qkv: Optional[tuple] = None):
+        """x (B, T, C) -> q, k, v, each (B, n_head, T, head_dim), from one fused matmul."""
+        b, t, c = x.shape
+        weight, bias = qkv if qkv is not None else self.fused_qkv()
+        q, k, v = F.linear(x, weight, bias).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def decode(self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, mask: torch.Tensor, qkv):
+        """One token per sequence at position `pos` (a 0-dim tensor): its key and value go into
+        the cache at that position, and it attends over the whole cache with `mask` hiding the
+        positions after it. Every shape is fixed, whatever the position."""
+        b, _, c = x.shape
+        q, k, v = self.project(x, qkv)
+        index = pos.view(1)
+        cache.k[layer].index_copy_(2, index, k)
+        cache.v[layer].index_copy_(2, index, v)
+        y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, 1, c))
+
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0, start: int = 0):
         b, t, c = x.shape
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (lin(x).view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))
+        q, k, v = self.project(x)  # (B, n_head, T, head_dim) each
         dropout = self.attn_pdrop if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
@@ -73,6 +96,10 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None, layer=0, start=0):
         x = x + self.attn(self.ln1(x), cache, layer, start)
+        return x + self.mlp(self.ln2(x))
+
+    def decode(self, x, cache, layer, pos, mask, qkv):
+        x = x + self.attn.decode(self.ln1(x), cache, layer, pos, mask, qkv)
         return x + self.mlp(self.ln2(x))
 
 
@@ -116,6 +143,22 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, start)
         return self.head(self.ln_f(x))
+
+    def fused_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's fused q/k/v weight and bias, made once for a whole sampling loop."""
+        return [block.attn.fused_qkv() for block in self.blocks]
+
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, qkv: list) -> torch.Tensor:
+        """idx (B, 1): one token per sequence at position `pos`, a 0-dim long tensor on the
+        model's device -> logits (B, vocab_size) for the next position. Keys and values of the
+        positions before come from the cache; this token's are added to it. Fixed shapes and no
+        host synchronisation, so one captured graph serves every position (transformer.TokenLoop).
+        qkv: fused_qkv(). `pos` must be below block_size (not checked: that would synchronize)."""
+        mask = torch.arange(self.config.block_size, device=idx.device).le(pos).view(1, 1, 1, -1)
+        x = self.tok_emb(idx) + self.pos_emb[0].index_select(0, pos.view(1))  # (B, 1, C)
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, cache, i, pos, mask, qkv[i])
+        return self.head(self.ln_f(x))[:, -1]
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on Linear weights only; biases, LayerNorms, embeddings and the position

@@ -15,6 +15,7 @@ released transformers use TokenLayout.reference instead: vocab_size = n_codes, t
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -92,6 +93,84 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def pick_tokens(logits: torch.Tensor, noise: torch.Tensor, n_codes: int, guided: bool, cfg_scale: float,
+                temperature: float, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """The next code of each sample from the last position's logits (2B rows with guidance: the
+    conditional ones, then the unconditional): guidance uncond + s * (cond - uncond), the codes
+    only (special tokens are never sampled), temperature, top-k, top-p, then one draw per sample.
+    `noise` (B, n_codes) holds Exp(1) numbers: argmax(p / noise) is a draw from p (the
+    exponential race), the very draw torch.multinomial(p, 1) makes from the same numbers, but
+    without its host synchronisation. Returns (B,), or (2B,) repeated with guidance."""
+    logits = logits.float()
+    if guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + cfg_scale * (cond - uncond)
+    probs = filter_logits(logits[:, :n_codes] / temperature, top_k, top_p).softmax(-1)
+    nxt = (probs / noise).argmax(-1)
+    return nxt.repeat(2) if guided else nxt
+
+
+class TokenLoop:
+    """Cached sampling of the codes from position p on. The prefill (the first token and a
+    prefix) runs once through the GPT's forward; then every code is one step of fixed shapes:
+    pick code t from the logits buffer, write it into `codes`, run GPT.decode_step on it at
+    position t + 1, keep its logits, advance t (a device tensor). No step reads anything back
+    to the host, so on CUDA the step is captured once as a CUDA graph and replayed per token.
+    The random numbers are drawn into `noise` before each step, outside the graph."""
+
+    @torch.no_grad()
+    def __init__(self, model: "VQGANTransformer", first: torch.Tensor, codes: torch.Tensor, p: int,
+                 noise: torch.Tensor, pick: dict):
+        gpt = model.gpt
+        self.model, self.codes, self.noise, self.pick, self.p = model, codes, noise, pick, p
+        self.cache = gpt.new_cache(codes.shape[0])
+        self.logits = gpt(torch.cat([first, codes[:, :p]], 1), cache=self.cache, start=0)[:, -1].clone()
+        self.t = torch.tensor(p, device=codes.device)  # the position in `codes` of the next code
+        self.qkv = gpt.fused_qkv()
+
+    def step(self) -> None:
+        nxt = self.model._pick(self.logits, self.noise, **self.pick)
+        self.codes.index_copy_(1, self.t.view(1), nxt.view(-1, 1))
+        self.logits.copy_(self.model.gpt.decode_step(nxt.view(-1, 1), self.t + 1, self.cache, self.qkv))
+        self.t.add_(1)
+
+    @torch.no_grad()
+    def run(self, n: int, draw, cuda_graph: bool = False) -> torch.Tensor:
+        """Codes p .. n-1 into `codes`; `draw()` refills the noise before each pick."""
+        step = captured(self.step, [self.logits, self.t]) if cuda_graph and self.p < n - 1 else self.step
+        for _ in range(self.p, n - 1):
+            draw()
+            step()
+        draw()  # the last code: no position after it to run the GPT on
+        self.codes[:, n - 1] = self.model._pick(self.logits, self.noise, **self.pick)
+        return self.codes
+
+
+def captured(step, state: list):
+    """`step` captured as a CUDA graph; returns its replay. Capture needs a warm-up run first (on
+    a side stream); the tensors the step advances (`state`) are put back after it, and what else
+    it wrote (a code and a cache position) the first real step overwrites. Should capture fail,
+    the step runs eagerly, with a warning."""
+    saved = [t.clone() for t in state]
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        for t, value in zip(state, saved):
+            t.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
+    except RuntimeError as e:  # noqa: BLE001 - a driver or PyTorch that cannot capture: sample without
+        for t, value in zip(state, saved):
+            t.copy_(value)
+        warnings.warn(f"sampling without a CUDA graph (capture failed: {str(e).splitlines()[0]})")
+        return step
 
 
 class VQGANTransformer(PretrainedMixin, nn.Module):
@@ -181,26 +260,24 @@ class VQGANTransformer(PretrainedMixin, nn.Module):
         return logits, loss
 
     # --------------------------------------------------------------------------------- sampling
-    def _pick(self, logits, guided, cfg_scale, temperature, top_k, top_p, generator):
-        logits = logits.float()
-        if guided:  # classifier-free guidance: uncond + s * (cond - uncond)
-            cond, uncond = logits.chunk(2)
-            logits = uncond + cfg_scale * (cond - uncond)
-        logits = logits[:, :self.n_codes] / temperature  # special tokens are never sampled
-        probs = filter_logits(logits, top_k, top_p).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-        return nxt.repeat(2) if guided else nxt
+    def _pick(self, logits, noise, guided, cfg_scale, temperature, top_k, top_p):
+        """The next code of each sample: pick_tokens with this model's codes."""
+        return pick_tokens(logits, noise, self.n_codes, guided, cfg_scale, temperature, top_k, top_p)
 
     @torch.no_grad()
     def sample(self, num_samples: int, class_labels=None, temperature: float = 1.0, top_k: Optional[int] = None,
                top_p: Optional[float] = None, cfg_scale: float = 1.0, use_cache: bool = True,
                generator: Optional[torch.Generator] = None, prefix: Optional[torch.Tensor] = None,
-               grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+               grid: Optional[Sequence[int]] = None, cuda_graph: Optional[bool] = None) -> torch.Tensor:
         """Sample code indices (B, h, w). `prefix` (B, P) or (B, rows, w): codes to complete
         (e.g. the top half of an image). `grid=(H, W)` samples a grid of any size at least the
-        training grid with the paper's sliding attention window (no cache)."""
+        training grid with the paper's sliding attention window (no cache). With the cache, each
+        token is one fixed-shape step (TokenLoop), captured once as a CUDA graph and replayed on
+        CUDA (`cuda_graph=False` runs it eagerly there too)."""
         check_sampling_args(temperature, top_k, top_p)
         device = self.gpt.head.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device.")
         labels = self.labels_tensor(class_labels, num_samples, device)
         guided = labels is not None and cfg_scale != 1.0
         if guided and not self.layout.has_null_class:
@@ -209,12 +286,14 @@ class VQGANTransformer(PretrainedMixin, nn.Module):
         first = self.first_tokens(labels, num_samples, device)
         if guided:  # second half of the batch: the same samples without their class
             first = torch.cat([first, self.first_tokens(None, num_samples, device)])
-        pick = dict(guided=guided, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                    generator=generator)
+        pick = dict(guided=guided, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        # Exp(1) numbers for one draw per sample and step, drawn on the device from `generator`
+        noise = torch.ones(num_samples, self.n_codes, device=device)
+        draw = lambda: noise.exponential_(1, generator=generator)  # noqa: E731
         if grid is not None:
             if prefix is not None:
                 raise ValueError("prefix completion and a grid cannot be combined.")
-            return self._sample_window(first, num_samples, tuple(grid), pick)
+            return self._sample_window(first, num_samples, tuple(grid), pick, noise, draw)
 
         h, w = self.latent_shape
         n = h * w
@@ -227,17 +306,16 @@ class VQGANTransformer(PretrainedMixin, nn.Module):
                 raise ValueError(f"a prefix must hold fewer than {n} codes with ids in [0, {self.n_codes}).")
             codes[:, :p] = prefix.repeat(2, 1) if guided else prefix
         if use_cache:
-            cache = self.gpt.new_cache(first.shape[0])
-            logits = self.gpt(torch.cat([first, codes[:, :p]], 1), cache=cache, start=0)[:, -1]
-        for t in range(p, n):
-            if not use_cache:
+            loop = TokenLoop(self, first, codes, p, noise, pick)
+            loop.run(n, draw, cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph)
+        else:
+            for t in range(p, n):
                 logits = self.gpt(torch.cat([first, codes[:, :t]], 1))[:, -1]
-            codes[:, t] = self._pick(logits, **pick)
-            if use_cache and t < n - 1:
-                logits = self.gpt(codes[:, t:t + 1], cache=cache, start=t + 1)[:, -1]
+                draw()
+                codes[:, t] = self._pick(logits, noise, **pick)
         return codes[:num_samples].view(num_samples, h, w)
 
-    def _sample_window(self, first, num_samples, grid, pick) -> torch.Tensor:
+    def _sample_window(self, first, num_samples, grid, pick, noise, draw) -> torch.Tensor:
         """Each new token sees a training-sized window of the grid around it, clamped at the
         borders, and its position inside that window (as the reference's high-resolution
         sampling)."""
@@ -254,7 +332,8 @@ class VQGANTransformer(PretrainedMixin, nn.Module):
                 window = codes[:, i0:i0 + h, j0:j0 + w].reshape(codes.shape[0], -1)
                 pos = (i - i0) * w + (j - j0)
                 logits = self.gpt(torch.cat([first, window[:, :pos]], 1))[:, -1]
-                codes[:, i, j] = self._pick(logits, **pick)
+                draw()
+                codes[:, i, j] = self._pick(logits, noise, **pick)
         return codes[:num_samples]
 
     # ------------------------------------------------------------------------------ checkpoints

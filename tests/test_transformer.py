@@ -174,3 +174,88 @@ def test_pkeep_and_class_dropout_corrupt_the_inputs(small_cfg):
     assert set(inputs[:, 0].tolist()) == {64, 65}  # class token or "no class"
     m.eval()(tokens, torch.zeros(64, dtype=torch.long), pkeep=0.5, class_dropout=0.5)
     assert (seen[1][:, 1:] == 0).all() and (seen[1][:, 0] == 64).all()  # never in eval mode
+
+
+# ------------------------------------------------------------- the token loop: fixed shapes, no sync
+def loop_for(m, n_samples=2, prefix=0, **pick):
+    """A TokenLoop after its prefill, as sample() builds it."""
+    from transformer import TokenLoop
+
+    first = m.first_tokens(None, n_samples, torch.device("cpu"))
+    codes = torch.zeros(n_samples, 16, dtype=torch.long)
+    noise = torch.ones(n_samples, m.n_codes)
+    options = {**dict(guided=False, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None), **pick}
+    return TokenLoop(m, first, codes, prefix, noise, options)
+
+
+def test_cached_and_uncached_stochastic_sampling_draw_the_same_tokens(small_cfg, float64):
+    """The same random numbers give the same tokens with the fixed-shape cached step as with
+    full forwards (float64: the logits agree to ~1e-15, no draw can fall between them), with
+    top-k, top-p, temperature and guidance."""
+    m = make(small_cfg, classes=("a", "b"))
+    for options in (dict(top_k=7, temperature=0.8), dict(top_p=0.9), dict(class_labels=[1, 0], cfg_scale=2.5)):
+        a = m.sample(2, use_cache=True, generator=torch.Generator().manual_seed(3), **options)
+        b = m.sample(2, use_cache=False, generator=torch.Generator().manual_seed(3), **options)
+        assert torch.equal(a, b), options
+    draws = {m.sample(2, generator=torch.Generator().manual_seed(s)).sum().item() for s in range(4)}
+    assert len(draws) > 1  # and they are draws: other numbers, other tokens
+
+
+def test_the_pick_is_the_draw_torch_multinomial_makes(float64):
+    """argmax(p / Exp(1)) with the numbers multinomial would draw is multinomial's own draw."""
+    from transformer import pick_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 30, generator=g) * 3
+    for seed in range(5):
+        probs = logits.float().softmax(-1)
+        expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
+        noise = torch.empty(64, 30, dtype=torch.float32).exponential_(1, generator=torch.Generator().manual_seed(seed))
+        got = pick_tokens(logits, noise, 30, False, 1.0, 1.0, None, None)
+        assert torch.equal(got, expected)
+
+
+def test_the_token_step_compiles_as_one_graph_and_gives_the_eager_tokens(small_cfg):
+    """TokenLoop.step (pick, write the code, GPT.decode_step, advance) traced with fullgraph=True:
+    no graph break, so nothing in it needs the host. Run compiled, it gives the eager tokens."""
+    m = make(small_cfg)
+    eager, compiled = loop_for(m, top_k=5), loop_for(m, top_k=5)
+    compiled.step = torch.compile(compiled.step, fullgraph=True, backend="aot_eager")
+    for loop in (eager, compiled):
+        loop.run(16, lambda loop=loop: loop.noise.exponential_(1, generator=torch.Generator().manual_seed(int(loop.t))))
+    assert torch.equal(eager.codes, compiled.codes)
+
+
+def test_the_token_loop_never_synchronizes_with_the_host(small_cfg, monkeypatch):
+    """Every way Python reads a tensor back to the host raises inside the loop (the prefill is
+    outside it): the loop must run through all the same."""
+    m = make(small_cfg)
+    loop = loop_for(m, top_k=5, top_p=0.9)
+    generator = torch.Generator().manual_seed(0)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host synchronisation inside the token loop")
+    for name in ("item", "__bool__", "tolist", "cpu", "numpy", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    codes = loop.run(16, lambda: loop.noise.exponential_(1, generator=generator))
+    monkeypatch.undo()
+    assert codes.shape == (2, 16) and int(codes.max()) < m.n_codes and int(loop.t) == 15
+
+
+def test_cuda_graphs_are_refused_without_cuda(small_cfg):
+    with pytest.raises(ValueError, match="CUDA device"):
+        make(small_cfg).sample(1, cuda_graph=True)
+
+
+def test_the_training_forward_with_its_loss_is_one_graph(small_cfg):
+    """--compile in stage 2 compiles VQGANTransformer.forward: GPT (fused q/k/v), input corruption,
+    class dropout and the loss trace with fullgraph=True, and give the eager loss."""
+    m = make(small_cfg, classes=("a", "b")).train()
+    codes = torch.randint(0, m.n_codes, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 1])
+    compiled = torch.compile(m.forward, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    _, loss = compiled(codes, labels, pkeep=0.7, class_dropout=0.5)
+    torch.manual_seed(1)
+    _, expected = m(codes, labels, pkeep=0.7, class_dropout=0.5)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
