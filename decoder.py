@@ -44,10 +44,11 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, stride=1, padding=1)
 
-    def compile_trunk(self) -> None:
-        """torch.compile everything but conv_out. The adaptive GAN weight differentiates through
-        conv_out alone; inside a compiled graph, that would re-run the whole compiled backward."""
-        self._trunk = torch.compile(self.trunk)
+    def compile_trunk(self, **options) -> None:
+        """torch.compile (with these options) everything but conv_out. The adaptive GAN weight
+        differentiates through conv_out alone; inside a compiled graph, that would re-run the
+        whole compiled backward."""
+        self._trunk = torch.compile(self.trunk, **options)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, z_channels, h, w)
         h = self._trunk(z) if getattr(self, "_trunk", None) is not None else self.trunk(z)

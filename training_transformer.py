@@ -142,8 +142,8 @@ def build_stage2(cfg: TrainTransformerConfig, model: VQGANTransformer, device: t
     lr, amp_dtype = scaled_lr(cfg, dist_info), resolve_precision(cfg.precision, device)
     opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2),
                             fused=device.type == "cuda")
-    if cfg.compile:
-        model.gpt.compile()
+    if cfg.compile:  # the GPT and the loss in one compiled forward (the frozen VQGAN's encoding stays outside)
+        model.compile()
     # the frozen VQGAN has no trainable parameters for DDP to synchronize
     model_train = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled else model
     return Stage2(cfg=cfg, model=model, opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_strict, require_entries, run_rng_state,
                         set_run_rng_state)
-from codebook import CodebookStats, CodebookUsage
+from codebook import CodebookStats, CodebookUsage, VectorQuantizer
 from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from discriminator import NLayerDiscriminator
@@ -245,14 +245,21 @@ def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Option
                   ema=EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None)
 
 
+# torch.compile's backend for --compile (tests trace with "aot_eager": the same graphs, no code generation)
+COMPILE_BACKEND = "inductor"
+
+
 def compile_stage1(model: VQGAN, disc: nn.Module, perceptual: Optional[nn.Module]) -> None:
-    """torch.compile in place (state_dict names unchanged): encoder, decoder up to its last
-    layer (see Decoder.compile_trunk), discriminator and LPIPS. The quantizer stays eager."""
-    model.encoder.compile()
-    model.decoder.compile_trunk()
-    disc.compile()
+    """torch.compile in place (state_dict names unchanged): encoder, quantizer, decoder up to its
+    last layer (see Decoder.compile_trunk), discriminator and LPIPS. The Gumbel quantizer stays
+    eager: its temperature changes every step, which would recompile it."""
+    model.encoder.compile(backend=COMPILE_BACKEND)
+    if isinstance(model.quantize, VectorQuantizer):
+        model.quantize.compile(backend=COMPILE_BACKEND)
+    model.decoder.compile_trunk(backend=COMPILE_BACKEND)
+    disc.compile(backend=COMPILE_BACKEND)
     if perceptual is not None:
-        perceptual.compile()
+        perceptual.compile(backend=COMPILE_BACKEND)
 
 
 def checkpoint_dict(s: Stage1, step: int) -> dict:

@@ -1,5 +1,6 @@
 """Stage-1 training: gradient isolation of the two steps, the single-backward generator step
 against the reference's two-backward computation, learning, determinism, and the CLI."""
+import dataclasses
 import json
 import math
 import os
@@ -253,3 +254,45 @@ def test_gumbel_quantizer_trains_with_the_reference_temperature_schedule(tiny_cf
     logs = train_step(s, random_batch(), step=250000)
     assert s.model.quantize.temperature == gumbel_temperature(250000, s.cfg) and logs["skipped"].item() == 0
     assert 0 < logs["usage"].item() <= 1
+
+
+@pytest.mark.slow
+def test_the_generator_forward_is_one_graph(tiny_cfg):
+    """Encoder, quantizer (factorized, l2-normalized, EMA codes, entropy term: every option of
+    its forward), decoder, discriminator and the loss terms trace with fullgraph=True: nothing in
+    the generator's forward needs the host. (k-means and restarts run in update(), after the step.)"""
+    from losses import generator_terms
+
+    codebook = dict(codebook_dim=8, codebook_l2_norm=True, codebook_ema=0.9, codebook_entropy_weight=0.1)
+    s = make_stage1(dataclasses.replace(tiny_cfg, **codebook), disc_start=0)
+    x = random_batch(n=2)
+
+    def forward(x):
+        (x_rec, idx, q_loss), stats = s.model(x, return_stats=True)
+        return generator_terms(x, x_rec, q_loss, s.weights, None, s.disc(x_rec)), stats
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    (terms, stats), (expected, _) = compiled(x), forward(x)
+    for a, b in zip(terms, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_training_does_not_recompile_after_warm_up(tiny_cfg, monkeypatch):
+    """--compile: after the first steps without and with the GAN term, further steps reuse the
+    compiled graphs (the compile counters do not move)."""
+    import training_vqgan
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(training_vqgan, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    s = make_stage1(dataclasses.replace(tiny_cfg, codebook_dim=8, codebook_restart_after=2), compile=True, disc_start=1)
+    x = random_batch(n=2)
+    for step in range(2):  # warm-up: a step without the GAN term, then one with it
+        train_step(s, x, step)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the networks really are compiled
+    for step in range(2, 5):
+        train_step(s, x, step)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
