@@ -132,8 +132,22 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, num_workers: int,
+def default_workers() -> int:
+    """Data-loading processes when --num-workers is not given: the CPUs this process may use
+    (its share under torchrun's LOCAL_WORLD_SIZE), one left for the training process, at least 2
+    and at most 8 (a GPU machine's 16 cores feed one GPU with 8: decoding, resizing and cropping
+    stay off the training process)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 2
+    return min(8, max(2, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
+def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, num_workers: Optional[int],
                 drop_last: bool, pin_memory: bool = False) -> DataLoader:
+    """num_workers None: default_workers()."""
+    num_workers = default_workers() if num_workers is None else num_workers
     # The loader draws its workers' base seed from its own generator: starting an iterator
     # (each epoch, each validation pass, after a resume) then leaves the global torch RNG alone,
     # which a resumed run needs to continue exactly. The data itself is seeded per sample.
