@@ -4,6 +4,7 @@
     python benchmark.py stage1 --preset tiny --device cpu --compare              # ours vs the reference's step
     python benchmark.py gpt --preset f16-1024 --gpt-preset f16-1024 --batch-size 16
     python benchmark.py sample --preset f16-1024 --gpt-preset f16-1024 --batch-size 16 --top-k 100
+    python benchmark.py suite --out suite.jsonl [--profile]     # every row of the README's GPU table
 
 Random weights and inputs (the compute is the same as with trained ones; LPIPS's VGG16 too, so
 nothing is downloaded). Each command warms up, then times --steps steps with CUDA events (wall
@@ -13,15 +14,20 @@ timed. `--compare` also times the straightforward implementation and reports the
 for stage 1 the reference's training step as its trainer runs it (the adaptive weight's
 gradients through the whole graph, a second VQGAN and LPIPS forward in the discriminator step,
 separate real and fake discriminator passes); for the GPT the same step with attention computed
-by the explicit softmax formula; sampling always reports cached and uncached rates.
+by the explicit softmax formula; sampling reports cached and uncached rates, and on CUDA the
+cached loop captured as a CUDA graph. `suite` runs all of them (and the real trainer on generated
+JPEG files) and writes one JSON line per row; `--profile` adds each row's top kernels and the
+share of time the GPU sat idle.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -81,10 +87,33 @@ class SampleBench(BenchConfig):
         require(self, dict(top_k=1))
 
 
+SUITE_ROWS = ("stage1", "stage1-compiled", "gpt", "gpt-compiled", "gpt-large", "gpt-large-compiled", "sample",
+              "sample-large", "trainer")
+
+
+@dataclass
+class SuiteBench(BenchConfig):
+    out: Optional[str] = option(None, "the JSON-lines file to write, one line per row", required=True)
+    large_batch: int = option(64, "the batch of the -large rows (--batch-size: the others')")
+    gpt_preset: str = option("f16-1024", f"GPT preset: {', '.join(GPT_PRESETS)}")
+    top_k: int = option(100, "top-k sampling")
+    rows: Optional[tuple[str, ...]] = option(None, "run only these rows (default: all)", nargs="+", choices=SUITE_ROWS, metavar="ROW")
+    trainer_steps: int = option(50, "steps of the real trainer (training_vqgan.py) on generated JPEG files")
+    trainer_compile: bool = option(True, "the real trainer with --compile")
+    profile: bool = option(False, "also profile each row: its top kernels (or CPU ops) and the GPU's idle share")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, dict(top_k=1, trainer_steps=3, large_batch=1))
+
+
 COMMANDS = {"stage1": (Stage1Bench, "one VQGAN training step: generator and discriminator, GAN and LPIPS active", (VQGANConfig,)),
             "gpt": (GPTBench, "one GPT training step on cached tokens", (VQGANConfig, GPTConfig)),
             "sample": (SampleBench, "sampling a full token grid per image, with and without the key/value cache",
-                       (VQGANConfig, GPTConfig))}
+                       (VQGANConfig, GPTConfig)),
+            "suite": (SuiteBench, "every row of the README's GPU table, one JSON line each: stage 1 eager and compiled, "
+                      "the GPT eager and compiled, sampling (uncached, cached, captured), at --batch-size (16) and "
+                      "the GPT and sampling also at --large-batch (64), and the real trainer", (VQGANConfig, GPTConfig))}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> BenchConfig:
@@ -142,7 +171,7 @@ def measure(fn: Callable, device: torch.device, steps: int, warmup: int) -> dict
 
 
 # ------------------------------------------------------------------------------------ stage 1
-def bench_stage1(args: BenchConfig, device: torch.device) -> dict:
+def bench_stage1(args: BenchConfig, device: torch.device, timing: Optional[Callable] = None) -> dict:
     from training_vqgan import build_stage1, train_step
 
     cfg = make_config(TrainVQGANConfig, VQGANConfig, {"preset": args.preset, **model_flags(args, VQGANConfig),
@@ -158,7 +187,8 @@ def bench_stage1(args: BenchConfig, device: torch.device) -> dict:
     x = (torch.rand(args.batch_size, mc.in_channels, mc.resolution, mc.resolution, device=device) * 2 - 1)
     result = {"command": "stage1", "preset": args.preset, "batch_size": args.batch_size, "image_size": mc.resolution,
               "n_embed": mc.n_embed, "parameters_m": sum(p.numel() for p in s.model.parameters()) / 1e6}
-    m = measure(lambda: train_step(s, x, step=0), device, args.steps, args.warmup)
+    measure_ = timing or measure  # benchmark.measure, or what the suite's profiler takes
+    m = measure_(lambda: train_step(s, x, step=0), device, args.steps, args.warmup)
     result.update(step_ms=m["median_ms"], images_per_s=args.batch_size * 1000 / m["median_ms"],
                   peak_memory_gib=m["peak_memory_gib"])
     if args.compare:
@@ -168,7 +198,7 @@ def bench_stage1(args: BenchConfig, device: torch.device) -> dict:
         ref.disc.train()
         step = lambda: reference_step(ref.model, ref.disc, ref.perceptual, ref.opt_g, ref.opt_d, x,  # noqa: E731
                                       LossWeights.of(cfg), lambda: autocast(device, ref.amp_dtype))
-        r = measure(step, device, args.steps, args.warmup)
+        r = measure_(step, device, args.steps, args.warmup)
         result.update(reference_step_ms=r["median_ms"], reference_images_per_s=args.batch_size * 1000 / r["median_ms"],
                       reference_peak_memory_gib=r["peak_memory_gib"], speedup=r["median_ms"] / m["median_ms"])
     return result
@@ -189,7 +219,7 @@ def build_transformer(args: BenchConfig, device: torch.device):
     return tcfg, vcfg, model
 
 
-def bench_gpt(args: GPTBench, device: torch.device) -> dict:
+def bench_gpt(args: GPTBench, device: torch.device, timing: Optional[Callable] = None) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from training_transformer import build_stage2, train_step
@@ -202,18 +232,19 @@ def bench_gpt(args: GPTBench, device: torch.device) -> dict:
     result = {"command": "gpt", "preset": args.preset, "gpt_preset": args.gpt_preset, "batch_size": args.batch_size,
               "tokens_per_sequence": h * h, "n_layer": tcfg.model.n_layer, "n_embd": tcfg.model.n_embd,
               "parameters_m": sum(p.numel() for p in model.gpt.parameters()) / 1e6}
-    m = measure(lambda: train_step(s, [tokens], 0), device, args.steps, args.warmup)
+    measure_ = timing or measure
+    m = measure_(lambda: train_step(s, [tokens], 0), device, args.steps, args.warmup)
     result.update(step_ms=m["median_ms"], tokens_per_s=per_step * 1000 / m["median_ms"],
                   peak_memory_gib=m["peak_memory_gib"])
     if args.compare:
         with sdpa_kernel(SDPBackend.MATH):  # attention by the explicit formula
-            r = measure(lambda: train_step(s, [tokens], 0), device, args.steps, args.warmup)
+            r = measure_(lambda: train_step(s, [tokens], 0), device, args.steps, args.warmup)
         result.update(reference_step_ms=r["median_ms"], reference_tokens_per_s=per_step * 1000 / r["median_ms"],
                       speedup=r["median_ms"] / m["median_ms"])
     return result
 
 
-def bench_sample(args: SampleBench, device: torch.device) -> dict:
+def bench_sample(args: SampleBench, device: torch.device, timing: Optional[Callable] = None) -> dict:
     tcfg, vcfg, model = build_transformer(args, device)
     model.eval()
     amp_dtype = resolve_precision(tcfg.precision, device)
@@ -223,22 +254,159 @@ def bench_sample(args: SampleBench, device: torch.device) -> dict:
     result = {"command": "sample", "preset": args.preset, "gpt_preset": args.gpt_preset, "batch_size": args.batch_size,
               "tokens_per_image": h * h, "top_k": args.top_k}
     indices = None
-    for cached in (True, False):
+    variants = {"cached": dict(use_cache=True, cuda_graph=False), "uncached": dict(use_cache=False)}
+    if device.type == "cuda":  # the cached loop replayed as one CUDA graph per token
+        variants = {"captured": dict(use_cache=True, cuda_graph=True), **variants}
+    for key, options in variants.items():
         def run():
             nonlocal indices
             with torch.no_grad(), autocast(device, amp_dtype):
-                indices = model.sample(args.batch_size, top_k=args.top_k, use_cache=cached)
-        m = measure(run, device, args.steps, args.warmup)
-        key = "cached" if cached else "uncached"
+                indices = model.sample(args.batch_size, top_k=args.top_k, **options)
+        m = (timing or measure)(run, device, args.steps, args.warmup)
         result.update({f"{key}_s": m["median_ms"] / 1000, f"{key}_images_per_s": args.batch_size * 1000 / m["median_ms"],
                        f"{key}_peak_memory_gib": m["peak_memory_gib"]})
 
     def decode():
         with torch.no_grad(), autocast(device, amp_dtype):
             model.indices_to_images(indices)
-    d = measure(decode, device, args.steps, args.warmup)
+    d = (timing or measure)(decode, device, args.steps, args.warmup)
     result.update(decode_s=d["median_ms"] / 1000)
     return result
+
+
+# ------------------------------------------------------------------------------------ the suite
+def profiled(fn: Callable, device: torch.device, steps: int = 3) -> dict:
+    """The top 10 kernels (CUDA) or operators (CPU) by their own time over `steps` calls, and on
+    CUDA the share of the profiled wall time in which no kernel ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()  # anything that happens once (capture, autotuning) stays out of the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    top = [{"name": e.key[:120], "ms_per_call": getattr(e, key) / 1000 / steps, "calls": e.count // steps}
+           for e in events[:10]]
+    idle = None
+    if cuda:  # kernel time summed over the window (overlapping streams would count twice: an upper bound)
+        busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+        idle = max(0.0, 1 - busy_us / wall_us)
+    return {"top": top, "gpu_idle_share": idle}
+
+
+def write_jpegs(folder: str, n: int, size: int, seed: int = 0) -> None:
+    """n smooth random colour images as JPEG files: real decoding work for the trainer's loader."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        low = torch.rand(3, 8, 8, generator=g)
+        image = torch.nn.functional.interpolate(low[None], size=(size, size), mode="bicubic", align_corners=False)[0]
+        image = (image.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+
+
+def bench_trainer(args: SuiteBench, device: torch.device) -> dict:
+    """training_vqgan.py itself (--compile unless --no-trainer-compile, default data loading, LPIPS with random
+    weights from a file) for --trainer-steps steps on generated JPEGs; the rate is the median of what it
+    logged every 10 steps after the first 10 (warm-up, compilation; in a shorter run, what it logged)."""
+    import training_vqgan
+    from runconfig import parse_train_vqgan
+
+    mc = make_config(TrainVQGANConfig, VQGANConfig, {"preset": args.preset, **model_flags(args, VQGANConfig)},
+                     PRESETS).model
+    with tempfile.TemporaryDirectory() as tmp:
+        data, run = os.path.join(tmp, "images"), os.path.join(tmp, "run")
+        os.makedirs(data)
+        write_jpegs(data, 8 * args.batch_size, mc.resolution + mc.resolution // 4)
+        torch.save(LPIPS().state_dict(), os.path.join(tmp, "vgg16.pth"))  # random, in LPIPS's layout
+        argv = ["--dataset-path", data, "--output-dir", run, "--preset", args.preset, "--batch-size", str(args.batch_size),
+                "--max-steps", str(args.trainer_steps), "--disc-start", "0", "--log-every", "10", "--save-every",
+                str(10 ** 6), "--sample-every", str(10 ** 6), "--val-fraction", "0.05", "--val-batches", "1",
+                "--vgg-weights", os.path.join(tmp, "vgg16.pth"), "--device", str(device), "--precision", args.precision,
+                "--compile" if args.trainer_compile else "--no-compile", *as_flags(model_flags(args, VQGANConfig))]
+        start = time.perf_counter()
+        training_vqgan.main(parse_train_vqgan(argv))
+        wall = time.perf_counter() - start
+        lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl")) if "images_per_s" in x]
+    rates = [m["images_per_s"] for m in lines if m["step"] > 10] or [m["images_per_s"] for m in lines]
+    return {"command": "trainer", "preset": args.preset, "batch_size": args.batch_size, "steps": args.trainer_steps,
+            "images_per_s": statistics.median(rates) if rates else None, "wall_s": wall, "compile": args.trainer_compile}
+
+
+def as_flags(values: dict) -> list[str]:
+    """Field values as the command-line flags that give them."""
+    flags = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def suite_rows(args: SuiteBench) -> list[tuple[str, Callable, BenchConfig]]:
+    """(row name, bench function, its config) for every row of the suite."""
+    common = dict(preset=args.preset, device=args.device, precision=args.precision, model=args.model)
+    gpt = dict(common, gpt_preset=args.gpt_preset)
+    small, large = args.batch_size, args.large_batch
+    return [("stage1", bench_stage1, Stage1Bench(batch_size=small, **common)),
+            ("stage1-compiled", bench_stage1, Stage1Bench(batch_size=small, compile=True, **common)),
+            ("gpt", bench_gpt, GPTBench(batch_size=small, command="gpt", **gpt)),
+            ("gpt-compiled", bench_gpt, GPTBench(batch_size=small, compile=True, command="gpt", **gpt)),
+            ("gpt-large", bench_gpt, GPTBench(batch_size=large, command="gpt", **gpt)),
+            ("gpt-large-compiled", bench_gpt, GPTBench(batch_size=large, compile=True, command="gpt", **gpt)),
+            ("sample", bench_sample, SampleBench(batch_size=small, top_k=args.top_k, command="sample", **gpt)),
+            ("sample-large", bench_sample, SampleBench(batch_size=large, top_k=args.top_k, command="sample", **gpt)),
+            ("trainer", bench_trainer, args)]
+
+
+def bench_suite(args: SuiteBench, device: torch.device) -> dict:
+    """Each row in turn, its JSON line written as soon as it is measured (a later failure keeps
+    the rows before it); a row that fails is written with its error and the suite goes on."""
+    done = []
+    with open(args.out, "w") as out:
+        for name, bench, cfg in suite_rows(args):
+            if args.rows and name not in args.rows:
+                continue
+            start = time.perf_counter()
+            try:
+                if name.startswith("sample"):  # a whole token grid per step
+                    cfg = dataclasses.replace(cfg, steps=min(args.steps, 3), warmup=min(args.warmup, 1))
+                elif name != "trainer":
+                    cfg = dataclasses.replace(cfg, steps=args.steps, warmup=args.warmup)
+                row = {"row": name, **bench(cfg, device)}
+                if args.profile and name != "trainer":
+                    row["profile"] = profile_row(bench, cfg, device)
+            except Exception as e:  # noqa: BLE001 - one broken row must not cost the others
+                row = {"row": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            row["row_wall_s"] = time.perf_counter() - start
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "profile"}))
+            done.append(name)
+    return {"command": "suite", "rows": done, "out": args.out}
+
+
+def profile_row(bench: Callable, cfg: BenchConfig, device: torch.device) -> dict:
+    """profiled() of the first function a row times (its own freshly built models)."""
+    first: list = []
+
+    def take(fn, device_, steps, warmup):  # builds the row, keeps its step function, times nothing
+        first.append(fn)
+        return {"median_ms": 1.0, "peak_memory_gib": None}
+    bench(cfg, device, timing=take)
+    return profiled(first[0], device, steps=1 if cfg.command == "sample" else 3)
 
 
 def main(args: BenchConfig) -> dict:
@@ -250,6 +418,9 @@ def main(args: BenchConfig) -> dict:
         if getattr(args, name) not in presets:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is unknown: choose one of "
                             f"{', '.join(presets)}.")
+    if args.command == "suite":
+        writable_file(args.out, "--out")
+        return bench_suite(args, device)
     bench = {"stage1": bench_stage1, "gpt": bench_gpt, "sample": bench_sample}[args.command]
     result = bench(args, device)
     amp_dtype = resolve_precision(args.precision, device)

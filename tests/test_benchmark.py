@@ -37,6 +37,12 @@ def phases(monkeypatch):
 
     for cls, name in ((VQGAN, "vqgan"), (NLayerDiscriminator, "disc"), (LPIPS, "lpips"), (GPT, "gpt")):
         counting(cls, name)
+    decode_step = GPT.decode_step
+
+    def counted_step(self, *args, **kwargs):
+        calls["gpt_step"] += 1
+        return decode_step(self, *args, **kwargs)
+    monkeypatch.setattr(GPT, "decode_step", counted_step)
     measure = benchmark.measure
 
     def counted_measure(fn, device, steps, warmup):
@@ -102,8 +108,38 @@ def test_sample_times_the_cache_against_full_forwards(phases):
         assert result[key] > 0, key
     assert result["cached_images_per_s"] == pytest.approx(2 / result["cached_s"], rel=1e-12)
     cached, uncached, decode = phases
-    n = 16 * 16  # tokens per image: one GPT call each
-    assert cached["gpt"] == uncached["gpt"] == n
-    assert cached["gpt_tokens"] == n  # the start token, then one new token per call
+    n = 16 * 16  # tokens per image
+    assert cached["gpt"] == 1 and cached["gpt_tokens"] == 1  # the prefill: the start token
+    assert cached["gpt_step"] == n - 1  # then one fixed-shape step per code but the last
+    assert uncached["gpt"] == n and uncached["gpt_step"] == 0
     assert uncached["gpt_tokens"] == n * (n + 1) // 2  # the whole sequence so far, every call
-    assert decode["gpt"] == 0
+    assert decode["gpt"] == decode["gpt_step"] == 0
+
+
+def test_sample_on_cuda_adds_the_captured_loop_only_there():
+    """On the CPU there is no graph to capture: the rows are cached (eager) and uncached."""
+    result = main(parse_args(["sample", *TINY_VQGAN, "--gpt-preset", "tiny", "--n-layer", "1", "--batch-size", "1",
+                              "--top-k", "5", "--steps", "1", "--warmup", "0", "--ch-mult", "1", "2", "2"]))
+    assert "captured_s" not in result and result["cached_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_suite_writes_one_line_per_row_and_survives_a_failing_row(tmp_path, monkeypatch):
+    """The suite on a tiny CPU configuration: each chosen row one JSON line, written as it is
+    measured; the real trainer's logged rate; a profile of a timed row; a row that fails is
+    written with its error and the others still run."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+    monkeypatch.setattr(benchmark, "bench_gpt", broken)
+    out = tmp_path / "suite.jsonl"
+    result = main(parse_args(["suite", "--out", str(out), *TINY_VQGAN, "--ch-mult", "1", "2", "2", "--gpt-preset", "tiny",
+                              "--n-layer", "1", "--batch-size", "2", "--large-batch", "3", "--steps", "1",
+                              "--warmup", "0", "--top-k", "5", "--rows", "stage1", "gpt", "trainer",
+                              "--no-trainer-compile", "--trainer-steps", "3", "--profile"]))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == result["rows"] == ["stage1", "gpt", "trainer"]  # sampling: the test above
+    stage1, gpt, trainer = rows
+    assert stage1["batch_size"] == 2 and stage1["images_per_s"] > 0
+    assert stage1["profile"]["top"] and stage1["profile"]["gpu_idle_share"] is None  # CPU: operators, no GPU
+    assert gpt["error"] == "RuntimeError: out of memory (injected)"
+    assert trainer["steps"] == 3 and trainer["images_per_s"] > 0 and trainer["compile"] is False
