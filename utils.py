@@ -47,6 +47,7 @@ def run_cli(main: Callable, parse: Callable, argv: Optional[Sequence[str]] = Non
     where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
     try:
         main(parse(None if argv is None else list(argv)))
+        barrier()  # under torchrun: every process is done before any tears the process group down
         return 0
     except UserError as e:
         print(f"error{where}: {e}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from config import TrainVQGANConfig
+from config import TrainVQGANConfig, VQGANConfig
 from conftest import NO_NETWORK, ROOT, TINY_FLAGS
 from sample_transformer import SampleConfig, sample_all
 from training_vqgan import build_stage1, generator_step
@@ -23,11 +23,51 @@ from utils import seed_everything
 STAGE1 = [*TINY_FLAGS, "--val-fraction", "0.2", "--log-every", "1", "--sample-every", "2", "--save-every", "2"]
 
 
-def torchrun(*args, nproc=2):
-    """A real torchrun launch (the point of these tests: processes, rendezvous, gloo)."""
+def start_torchrun(*args, nproc=2) -> subprocess.Popen:
+    """A real torchrun launch (the point of these tests: processes, rendezvous, gloo), started."""
     env = {**os.environ, **NO_NETWORK, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
+    return finish(start_torchrun(*args, nproc=nproc))
+
+
+@pytest.fixture(scope="module")
+def side_jobs(images, tmp_path_factory):
+    """Three torchrun jobs started at once (each spends seconds starting processes): the joint
+    discriminator pass, a user error on every rank, an exception on rank 1 alone."""
+    tmp = tmp_path_factory.mktemp("torchrun_jobs")
+    driver = tmp / "driver.py"
+    driver.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import training_vqgan\n"
+        "from runconfig import parse_train_vqgan\n"
+        "from utils import run_cli\n"
+        "real = training_vqgan.train_step\n"
+        "def failing(s, x, step):\n"
+        "    if step == 2 and os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('injected failure on rank 1')\n"
+        "    return real(s, x, step)\n"
+        "training_vqgan.train_step = failing\n"
+        "sys.exit(run_cli(training_vqgan.main, parse_train_vqgan))\n")
+    start = time.time()
+    jobs = {"joint": start_torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir",
+                                    str(tmp / "joint"), *STAGE1, "--max-steps", "2", "--disc-start", "0",
+                                    "--disc-joint-batch"),
+            "user_error": start_torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir",
+                                         str(tmp / "r"), *STAGE1, "--max-steps", "2", "--grad-accum", "4"),
+            "exception": start_torchrun(str(driver), "--dataset-path", str(images), "--output-dir", str(tmp / "run"),
+                                        *STAGE1, "--max-steps", "6")}
+    results = {name: finish(proc) for name, proc in jobs.items()}
+    return results, tmp, time.time() - start
 
 
 @pytest.mark.slow
@@ -63,24 +103,32 @@ def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, t
 
 
 @pytest.mark.slow
-def test_the_joint_discriminator_batch_runs_under_torchrun(images, tmp_path):
+def test_the_joint_discriminator_batch_runs_under_torchrun(side_jobs):
     """The default (separate real and fake passes, BatchNorm buffers not broadcast) runs in the
     test above; the one-pass option (--disc-joint-batch) runs here."""
-    joint = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(tmp_path / "joint"),
-                     *STAGE1, "--max-steps", "2", "--disc-start", "0", "--disc-joint-batch")
+    results, tmp, _ = side_jobs
+    joint = results["joint"]
     assert joint.returncode == 0, joint.stderr[-3000:]
     assert "weights identical on all 2 processes" in joint.stdout
-    lines = [json.loads(line) for line in (tmp_path / "joint" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp / "joint" / "metrics.jsonl").read_text().splitlines()]
     assert all("d_loss" in m for m in lines if "loss" in m)  # the discriminator trained at every step
 
 
 @pytest.mark.slow
-def test_a_failing_rank_ends_the_job_with_its_error(images, tmp_path):
+def test_a_failing_rank_ends_the_job_with_its_error(side_jobs):
     """A user error (here: the global batch is larger than the data) ends every process, exit 2
     from the ranks, with the rank named; no hang."""
-    bad = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(tmp_path / "r"), *STAGE1,
-                   "--max-steps", "2", "--grad-accum", "4")
+    bad = side_jobs[0]["user_error"]
     assert bad.returncode != 0 and "(rank 0 of 2)" in bad.stderr and "global batch" in bad.stderr
+
+
+@pytest.mark.slow
+def test_an_exception_on_one_rank_ends_the_job_without_a_hang(side_jobs):
+    """Rank 1 alone fails mid-training; rank 0, waiting in a collective, must not hang."""
+    results, _, elapsed = side_jobs
+    r = results["exception"]
+    assert r.returncode != 0 and "injected failure on rank 1" in r.stderr + r.stdout
+    assert elapsed < 300  # ended by torchrun, not by a collective's 30-minute timeout
 
 
 def _config(tiny_cfg, batch_size):
@@ -88,10 +136,15 @@ def _config(tiny_cfg, batch_size):
                             disc_ndf=16, disc_layers=2, disc_start=10**9)
 
 
-def _worker(rank, world, init_file, cfgs, x, out):
+def _worker(rank, world, init_file, cfgs, x, out, sample_args):
+    """One process of the pair: a generator step on its half of the batch for each config, then
+    its share of the samples (only rank 0 writes, as under torchrun)."""
+    os.environ["RANK"] = str(rank)
+    torch.set_num_threads(1)  # two processes on two cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_default_dtype(torch.float64)  # as the single process in the test
     try:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # as the single process in the test
         for i, cfg in enumerate(cfgs):
             seed_everything(0)
             s = build_stage1(_config(cfg, x.shape[0] // world), torch.device("cpu"), None, 10, DistInfo(rank, rank, world))
@@ -100,26 +153,39 @@ def _worker(rank, world, init_file, cfgs, x, out):
             torch.save({"state": {k: v.clone() for k, v in s.model.state_dict().items()},
                         "grad": {k: p.grad.clone() for k, p in s.model.named_parameters() if p.grad is not None}},
                        f"{out}.{i}.{rank}")
+        torch.set_default_dtype(default)
+        sample_all(sample_args, torch.device("cpu"), rank, world)
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, transformer_run):
+    """One pair of gloo processes (starting processes costs seconds) for the checks below: a
+    generator step on each half of a batch for two codebook configs, then sampling 5 images split
+    between them. Returns what the tests compare against one process."""
+    tmp = tmp_path_factory.mktemp("two_processes")
+    cfg = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32, z_channels=16,
+                      embed_dim=8, n_embed=64)
+    cfgs = [dataclasses.replace(cfg, codebook_ema=ema) for ema in (0.0, 0.9)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    sample_args = SampleConfig(checkpoint=str(transformer_run.last), num_samples=5, batch_size=3, top_k=5,
+                               class_label="1", npz=str(tmp / "two.npz"), png=False, device="cpu")
+    mp.spawn(_worker, args=(2, str(tmp / "init"), cfgs, x, str(tmp / "state"), sample_args), nprocs=2, join=True)
+    return dict(cfgs=cfgs, x=x, out=str(tmp / "state"), sample_args=sample_args, tmp=tmp)
+
+
 @pytest.mark.slow
-def test_two_processes_of_batch_b_update_like_one_process_of_batch_2b(tiny_cfg, tmp_path, float64):
+def test_two_processes_of_batch_b_update_like_one_process_of_batch_2b(two_processes, float64):
     """Without the GAN term (BatchNorm statistics are per process) the generator's update is a
     mean over the batch: DDP's averaged gradients (and the all-reduced EMA statistics of an EMA
     codebook, the second case) must give the single-process update. Equal in exact arithmetic,
     so everything runs in float64 and is compared tightly. Gradients are compared rather than
     Adam's first step, which is lr * sign(g) and so flips on rounding noise where a gradient is
-    ~0 (conv biases before GroupNorm). Both cases share one pair of processes."""
-    import dataclasses
-
-    cfgs = [dataclasses.replace(tiny_cfg, codebook_ema=ema) for ema in (0.0, 0.9)]
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
-    out = str(tmp_path / "state")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), cfgs, x, out), nprocs=2, join=True)
-    for i, cfg in enumerate(cfgs):
+    ~0 (conv biases before GroupNorm)."""
+    x, out = two_processes["x"], two_processes["out"]
+    for i, cfg in enumerate(two_processes["cfgs"]):
         seed_everything(0)
         single = build_stage1(_config(cfg, 4), torch.device("cpu"), None, 10)
         generator_step(single, x, step=0)
@@ -136,50 +202,15 @@ def test_two_processes_of_batch_b_update_like_one_process_of_batch_2b(tiny_cfg, 
             torch.testing.assert_close(ranks[0]["grad"][name], grad, rtol=1e-9, atol=1e-13, msg=name)
 
 
-def _sample_worker(rank, world, init_file, args):
-    os.environ["RANK"] = str(rank)  # as torchrun sets it: only rank 0 writes
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        sample_all(args, torch.device("cpu"), rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
-def test_two_processes_split_the_samples_and_rank_0_gathers_them_in_order(transformer_run, tmp_path):
+def test_two_processes_split_the_samples_and_rank_0_gathers_them_in_order(two_processes):
     """5 samples on 2 processes: rank 0 draws the first 3 with seed 0, rank 1 the other 2 with
     seed 1, and the .npz holds all 5 in order: the same as one process drawing each share."""
-    args = SampleConfig(checkpoint=str(transformer_run.last), num_samples=5, batch_size=3, top_k=5, class_label="1",
-                        npz=str(tmp_path / "two.npz"), png=False, device="cpu")
-    mp.spawn(_sample_worker, args=(2, str(tmp_path / "init"), args), nprocs=2, join=True)
-    two = np.load(tmp_path / "two.npz")["arr_0"]
-    sample_all(dataclasses.replace(args, num_samples=3, npz=str(tmp_path / "a.npz")), torch.device("cpu"), 0, 1)
-    sample_all(dataclasses.replace(args, num_samples=2, seed=1, npz=str(tmp_path / "b.npz")), torch.device("cpu"), 0, 1)
-    expected = np.concatenate([np.load(tmp_path / f"{n}.npz")["arr_0"] for n in "ab"])
+    args, tmp = two_processes["sample_args"], two_processes["tmp"]
+    two = np.load(tmp / "two.npz")["arr_0"]
+    sample_all(dataclasses.replace(args, num_samples=3, npz=str(tmp / "a.npz")), torch.device("cpu"), 0, 1)
+    sample_all(dataclasses.replace(args, num_samples=2, seed=1, npz=str(tmp / "b.npz")), torch.device("cpu"), 0, 1)
+    expected = np.concatenate([np.load(tmp / f"{n}.npz")["arr_0"] for n in "ab"])
     assert two.dtype == np.uint8 and two.shape == (5, 16, 16, 3)
     # the same tokens; a decoded value on a rounding boundary may differ by one level between thread counts
     assert np.abs(two.astype(int) - expected.astype(int)).max() <= 1
-
-
-@pytest.mark.slow
-def test_an_exception_on_one_rank_ends_the_job_without_a_hang(images, tmp_path):
-    """Rank 1 alone fails mid-training; rank 0, waiting in a collective, must not hang."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
-        "import training_vqgan\n"
-        "from runconfig import parse_train_vqgan\n"
-        "from utils import run_cli\n"
-        "real = training_vqgan.train_step\n"
-        "def failing(s, x, step):\n"
-        "    if step == 2 and os.environ['RANK'] == '1':\n"
-        "        raise RuntimeError('injected failure on rank 1')\n"
-        "    return real(s, x, step)\n"
-        "training_vqgan.train_step = failing\n"
-        "sys.exit(run_cli(training_vqgan.main, parse_train_vqgan))\n")
-    start = time.time()
-    r = torchrun(str(driver), "--dataset-path", str(images), "--output-dir", str(tmp_path / "run"), *STAGE1,
-                 "--max-steps", "6")
-    assert r.returncode != 0 and "injected failure on rank 1" in r.stderr + r.stdout
-    assert time.time() - start < 300  # ended by torchrun, not by a collective's 30-minute timeout

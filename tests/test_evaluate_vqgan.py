@@ -49,7 +49,9 @@ def test_evaluation_reports_every_metric(tmp_path, tiny_checkpoint, random_incep
     assert result["codes_used"] == int(round(usage.item() * 64))
     assert result["perplexity"] == pytest.approx(perplexity.item(), rel=1e-4)
     assert result["psnr"] == pytest.approx(psnr(x, x_rec.clamp(-1, 1)).mean().item(), abs=1e-3)
-    assert 0 < result["ssim"] < 1 and result["lpips"] > 0 and result["rfid"] >= 0
+    # an untrained model's reconstructions are another set of images: rFID well above 0 (fid.py's
+    # test: a set against itself gives 0)
+    assert 0 < result["ssim"] < 1 and result["lpips"] > 0 and result["rfid"] > 1
 
 
 def test_evaluation_cli_errors_and_demo_set(tmp_path, tiny_checkpoint, cli):

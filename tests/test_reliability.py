@@ -75,27 +75,32 @@ def test_kill_9_while_saving_leaves_a_loadable_last_pt(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_finishes_the_step_saves_and_exits_0(images, tmp_path, sig):
-    """A real process and a real signal (the point of this test)."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "training_vqgan.py"), "--dataset-path", str(images),
-                             "--output-dir", str(out), *TINY_FLAGS, "--max-steps", "100000", "--log-every", "1",
-                             "--save-every", "100000", "--sample-every", "100000", "--max-bad-fraction", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **NO_NETWORK}, cwd=ROOT)
+def test_signal_finishes_the_step_saves_and_exits_0(images, tmp_path):
+    """Real processes and real signals (the point of this test): one run gets SIGTERM, another
+    SIGINT (Ctrl-C); both run at once, which halves the wait for their start-up."""
+    runs = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out = tmp_path / sig.name
+        runs[sig] = out, subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "training_vqgan.py"), "--dataset-path", str(images), "--output-dir",
+             str(out), *TINY_FLAGS, "--max-steps", "100000", "--log-every", "1", "--save-every", "100000",
+             "--sample-every", "100000", "--max-bad-fraction", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, **NO_NETWORK, "OMP_NUM_THREADS": "1"})  # two processes on two cores
     deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # training has started
-        time.sleep(0.1)
+    while not all((out / "metrics.jsonl").exists() for out, _ in runs.values()) and time.time() < deadline:
+        time.sleep(0.1)  # training has started in both
     time.sleep(1.0)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
+    for sig, (_, proc) in runs.items():
+        proc.send_signal(sig)
     script = os.path.join(ROOT, "training_vqgan.py")
-    assert f"Resume with: python {script} --output-dir {out} --resume latest\n" in stdout  # the run folder says the rest
-    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
-    logged = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert ckpt["step"] == len(logged) > 0  # the checkpoint is of the last finished step
+    for sig, (out, proc) in runs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (sig, stderr[-2000:])
+        assert f"Resume with: python {script} --output-dir {out} --resume latest\n" in stdout  # the run folder says the rest
+        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+        logged = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        assert ckpt["step"] == len(logged) > 0, sig  # the checkpoint is of the last finished step
 
 
 # --------------------------------------------------------------------------------- NaN steps

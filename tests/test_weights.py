@@ -267,7 +267,8 @@ def test_npz_holds_the_samples_as_uint8(transformer_run, tmp_path, cli):
     assert_user_error(cli("sample_transformer", *common, "--no-png"), "give --npz FILE too")
 
 
-def test_fid_of_a_set_against_itself_is_zero(tmp_path, random_inception, cli):
+@pytest.mark.slow
+def test_fid_of_a_set_against_itself_is_zero_and_against_a_shifted_set_not(tmp_path, random_inception, cli):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=images)
@@ -279,6 +280,13 @@ def test_fid_of_a_set_against_itself_is_zero(tmp_path, random_inception, cli):
     assert r.returncode == 0, r.stderr
     value = float(r.stdout.split("FID ")[1].split(":")[0])
     assert abs(value) < 1e-2, r.stdout
+    from metrics import InceptionFID  # and a shifted set is far from it
+
+    fid = InceptionFID(random_inception, torch.device("cpu"))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    fid.update(x, real=True)
+    fid.update((x + 0.3).clamp(0, 1), real=False)
+    assert fid.compute() > 1
 
 
 def test_fid_refuses_what_it_cannot_measure(tmp_path, cli, monkeypatch):
