@@ -74,6 +74,8 @@ def resumed_config(train_cls, model_cls, given: dict, presets: dict[str, Preset]
         raise UserError(f"{path} was trained with " + ", ".join(f"{flag_name(k)} {values.get(k)}" for k in refused)
                         + "; a run's architecture cannot change on resume: drop "
                         + ", ".join(flag_name(k) for k in refused) + ", or start a new run.")
+    # --init-from only starts a run: with --resume auto it is the same command line, run again
+    given = {k: v for k, v in given.items() if k != "init_from"}
     changes = {k: [values.get(k), v] for k, v in given.items()
                if k not in fixed and k not in ("resume", "output_dir") and not _same(values.get(k), v)}
     if changes:
@@ -87,10 +89,12 @@ def resumed_config(train_cls, model_cls, given: dict, presets: dict[str, Preset]
 
 
 def check_init_from(given: dict, model_cls) -> None:
-    """--init-from starts a new run with the file's architecture: no --resume, and no model flag
-    or preset that would contradict the file."""
-    if given.get("resume") is not None:
-        raise UserError("--init-from starts a new run from weights and --resume continues a run: give one of them.")
+    """--init-from starts a new run with the file's architecture: no model flag or preset that
+    would contradict the file, and no --resume but 'auto' (the same command run again, e.g. after
+    a preemption, resumes the run it started)."""
+    if given.get("resume") not in (None, "auto"):  # auto: start from the weights once, resume after that
+        raise UserError("--init-from starts a new run from weights and --resume continues a run: give one of them "
+                        "(or --resume auto, which resumes the run once it has a checkpoint).")
     model_flags = [k for k in given if k in {f.name for f in fields(model_cls)} | {"preset"}]
     if model_flags:
         raise UserError(f"--init-from takes the architecture from {given['init_from']}: drop "

@@ -233,6 +233,14 @@ def test_init_from_refuses_what_would_contradict_the_file(images, vqgan_run, tmp
     assert_user_error(cli("training_vqgan", *common, "--resume", "latest"), "give one of them")
     assert_user_error(cli("training_vqgan", *common[:-1], tmp_path / "missing.pt"), "does not exist")
     assert not (tmp_path / "r").exists()
+    # the same command run twice with --resume auto: it starts from the weights, then resumes its run
+    again = [*common, "--resume", "auto", "--num-workers", "0", "--device", "cpu", "--perceptual-loss-factor", "0",
+             "--batch-size", "2", "--disc-layers", "1", "--val-fraction", "0.2", "--sample-every", "100"]
+    first = cli("training_vqgan", *again, "--max-steps", "1")
+    assert first.returncode == 0 and "fine-tuning" in first.stdout, first.stderr
+    second = cli("training_vqgan", *again, "--max-steps", "2")
+    assert second.returncode == 0 and "resumed at step 1" in second.stdout and "fine-tuning" not in second.stdout
+    assert "changed on resume: init_from" not in second.stdout
 
 
 def test_stage2_init_from_a_stage2_checkpoint(images, transformer_run, vqgan_run, tmp_path, cli):
