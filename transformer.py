@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, load_strict, require_entries
-from config import GPTConfig, VQGANConfig, model_config_from_dict
+from config import GPTConfig, VQGANConfig, config_to_dict, model_config_from_dict
 from errors import UserError
 from mingpt import GPT
 from ema import averaged_state
@@ -340,8 +340,6 @@ class VQGANTransformer(PretrainedMixin, nn.Module):
     def checkpoint_entries(self) -> tuple[dict, dict]:
         """(description, weights) of this model: what save_pretrained writes (the GPT's weights
         prefixed "gpt.", the VQGAN's "vqgan.")."""
-        from config import config_to_dict
-
         layout = self.layout
         meta = {"kind": "transformer", "format_version": 1, "model_config": config_to_dict(self.gpt.config),
                 "vqgan_config": config_to_dict(self.vqgan.config), "classes": list(self.classes),
