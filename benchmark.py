@@ -280,8 +280,10 @@ def profiled(fn: Callable, device: torch.device, steps: int = 3) -> dict:
     CUDA the share of the profiled wall time in which no kernel ran."""
     from torch.profiler import ProfilerActivity, profile
 
+    from torch.autograd import DeviceType
+
     cuda = device.type == "cuda"
-    fn()  # anything that happens once (capture, autotuning) stays out of the profile
+    fn()  # compilation and autotuning stay out of the profile (a sampling call captures its graph anew each time)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -290,14 +292,17 @@ def profiled(fn: Callable, device: torch.device, steps: int = 3) -> dict:
         if cuda:
             torch.cuda.synchronize()
     wall_us = (time.perf_counter() - start) * 1e6
+    # CUDA: the kernels themselves (an operator's device time is its kernels', which would count
+    # twice); CPU: the operators
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind and not e.is_user_annotation]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
     top = [{"name": e.key[:120], "ms_per_call": getattr(e, key) / 1000 / steps, "calls": e.count // steps}
            for e in events[:10]]
     idle = None
-    if cuda:  # kernel time summed over the window (overlapping streams would count twice: an upper bound)
-        busy_us = sum(e.self_device_time_total for e in prof.key_averages())
-        idle = max(0.0, 1 - busy_us / wall_us)
+    if cuda:  # kernel time summed over the window (overlapping streams would count twice: a lower bound)
+        idle = max(0.0, 1 - sum(e.self_device_time_total for e in events) / wall_us)
     return {"top": top, "gpu_idle_share": idle}
 
 
@@ -419,6 +424,8 @@ def main(args: BenchConfig) -> dict:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is unknown: choose one of "
                             f"{', '.join(presets)}.")
     if args.command == "suite":
+        if args.json or args.compile:
+            raise UserError("suite writes its rows to --out and sets --compile per row: drop --json and --compile.")
         writable_file(args.out, "--out")
         return bench_suite(args, device)
     bench = {"stage1": bench_stage1, "gpt": bench_gpt, "sample": bench_sample}[args.command]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import benchmark
+from errors import UserError
 from benchmark import main, parse_args
 from discriminator import NLayerDiscriminator
 from lpips import LPIPS
@@ -139,6 +140,9 @@ def test_the_suite_writes_one_line_per_row_and_survives_a_failing_row(tmp_path, 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["row"] for r in rows] == result["rows"] == ["stage1", "gpt", "trainer"]  # sampling: the test above
     stage1, gpt, trainer = rows
+    for flag in ("--compile", "--json"):  # the rows set their own; the lines go to --out
+        with pytest.raises(UserError, match="drop --json and --compile"):
+            main(parse_args(["suite", "--out", str(out), flag, *(["x.json"] if flag == "--json" else [])]))
     assert stage1["batch_size"] == 2 and stage1["images_per_s"] > 0
     assert stage1["profile"]["top"] and stage1["profile"]["gpu_idle_share"] is None  # CPU: operators, no GPU
     assert gpt["error"] == "RuntimeError: out of memory (injected)"
