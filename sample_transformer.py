@@ -27,11 +27,11 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 
 from config import check_finite, require
-from distributed import cleanup_distributed, is_distributed, is_main_process, setup_distributed
-from errors import UserError
+from distributed import is_distributed, is_main_process, setup_distributed
+from errors import EnvironmentFault, UserError
 from flags import option, parse_into
 from transformer import VQGANTransformer, check_sampling_args
-from utils import log, resolve_device, run_cli, writable_folder
+from utils import log, resolve_device, run_cli, writable_file, writable_folder
 
 
 @dataclass
@@ -105,37 +105,49 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def gather_samples(mine: torch.Tensor, total: int, share: int, device: torch.device) -> torch.Tensor:
-    """Every process's samples (contiguous shares of `share`, the last one shorter), in order."""
+def gather_samples(mine: torch.Tensor, total: int, share: int, device: torch.device,
+                   chunk: int = 256) -> Optional[torch.Tensor]:
+    """On rank 0, every process's samples (contiguous shares of `share`, the last one shorter) in
+    order; None on the others. Gathered `chunk` samples of each share at a time, so no device
+    holds more than world x chunk images at once."""
     if not is_distributed():
         return mine
     padded = torch.zeros((share, *mine.shape[1:]), dtype=mine.dtype)
     padded[:len(mine)] = mine
-    padded = padded.to(device)
-    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, padded)
-    return torch.cat([p.cpu() for p in parts])[:total]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    for start in range(0, share, chunk):
+        part = padded[start:start + chunk].to(device)
+        parts = [torch.empty_like(part) for _ in range(world)] if rank == 0 else None
+        dist.gather(part, parts, dst=0)
+        if rank == 0:
+            for r, p in enumerate(parts):
+                pieces[r].append(p.cpu())
+    return torch.cat([torch.cat(p) for p in pieces])[:total] if rank == 0 else None
 
 
 def write_npz(path: str, images: np.ndarray) -> None:
-    """np.savez into a temporary file beside `path`, then renamed: never a partial file."""
+    """np.savez into a temporary file beside `path`, then renamed: never a partial file. A disk
+    that fails is an EnvironmentFault (one message), not a traceback."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, arr_0=images)
         os.replace(tmp, path)
+    except OSError as e:
+        raise EnvironmentFault(f"cannot write --npz {path} ({e.strerror or e}): the samples were drawn but not "
+                               "saved; free space or choose another path, and run again.") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def main(args: SampleConfig) -> list[str]:
+    """Under torchrun every process samples its share (run_cli ends the process group)."""
     device, info = setup_distributed(resolve_device(args.device))
-    try:
-        return sample_all(args, device, info.rank, info.world_size)
-    finally:
-        cleanup_distributed()
+    return sample_all(args, device, info.rank, info.world_size)
 
 
 def sample_all(args: SampleConfig, device: torch.device, rank: int, world: int) -> list[str]:
@@ -155,7 +167,7 @@ def sample_all(args: SampleConfig, device: torch.device, rank: int, world: int) 
     if args.png:
         writable_folder(args.out, "--out")
     if args.npz is not None:
-        writable_folder(os.path.dirname(os.path.abspath(args.npz)), "--npz's folder")
+        writable_file(args.npz, "--npz")
 
     share = math.ceil(len(labels) / world)  # this process's samples: a contiguous share
     mine = labels[rank * share:(rank + 1) * share]
@@ -174,7 +186,7 @@ def sample_all(args: SampleConfig, device: torch.device, rank: int, world: int) 
     images = torch.cat(images) if images else torch.zeros((0, *side, c), dtype=torch.uint8)
     images = gather_samples(images, len(labels), share, device)
     paths = []
-    if not is_main_process():
+    if images is None or not is_main_process():
         return paths
     if args.npz is not None:
         write_npz(args.npz, images.numpy())
