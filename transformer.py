@@ -128,7 +128,8 @@ class TokenLoop:
         self.cache = gpt.new_cache(codes.shape[0])
         self.logits = gpt(torch.cat([first, codes[:, :p]], 1), cache=self.cache, start=0)[:, -1].clone()
         self.t = torch.tensor(p, device=codes.device)  # the position in `codes` of the next code
-        self.qkv = gpt.fused_qkv()
+        dtype = self.cache.k.dtype  # under autocast: cast once here, not at every step
+        self.qkv = [(w.to(dtype), b.to(dtype)) for w, b in gpt.fused_qkv()]
 
     def step(self) -> None:
         nxt = self.model._pick(self.logits, self.noise, **self.pick)
@@ -163,7 +164,7 @@ def captured(step, state: list):
         for t, value in zip(state, saved):
             t.copy_(value)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads (data loaders) may run
             step()
         return graph.replay
     except RuntimeError as e:  # noqa: BLE001 - a driver or PyTorch that cannot capture: sample without
