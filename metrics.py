@@ -76,6 +76,8 @@ class InceptionFID:
         if weights is None:
             try:
                 self.fid = FrechetInceptionDistance(feature=2048, normalize=True).to(device)
+            except ModuleNotFoundError:
+                raise UserError("FID needs torchmetrics and torch-fidelity: pip install -r requirements.txt.") from None
             except Exception as e:  # offline: the download fails (the error type depends on the library)
                 raise UserError(f"the Inception weights for FID could not be downloaded ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else 'no detail'}). Run once with internet "

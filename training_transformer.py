@@ -236,6 +236,10 @@ def load_init(path: str) -> VQGANTransformer:
         raise UserError(f"--init-from {path} is a folder without {WEIGHTS_NAME}: give a stage-2 model folder or "
                         "checkpoint.")
     ckpt = load_checkpoint(file)
+    if (ckpt.get("token_layout") or {}).get("reference"):
+        raise UserError(f"--init-from {path} is a taming-transformers transformer: its token layout has no 'no class' "
+                        "token and shares the start token with code 0, which training here does not use. Fine-tuning "
+                        "starts from a GPT trained here.")
     if ckpt.get("kind") != "transformer":
         raise UserError(f"--init-from {path} is not one of this project's stage-2 checkpoints or model folders "
                         f"(kind '{ckpt.get('kind', 'reference' if 'state_dict' in ckpt else None)}'): fine-tuning "

@@ -333,10 +333,10 @@ def load_init(cfg: TrainVQGANConfig) -> tuple[TrainVQGANConfig, VQGAN, Optional[
     disc = ckpt.get("discriminator")
     if checkpoint_kind(ckpt) == "reference-vqgan":
         disc = sub_state(ckpt["state_dict"], "loss.discriminator.") or None
-    if disc is not None and isinstance(ckpt.get("train_config"), dict):  # our run: its discriminator's shape
-        saved = ckpt["train_config"]
-        cfg = dataclasses.replace(cfg, disc_ndf=saved.get("disc_ndf", cfg.disc_ndf),
-                                  disc_layers=saved.get("disc_layers", cfg.disc_layers))
+    if isinstance(disc, dict) and torch.is_tensor(disc.get("main.0.weight")):  # its shape, read from the weights:
+        # the first layer's width, and one BatchNorm per stride-2 layer after the first plus the stride-1 one
+        cfg = dataclasses.replace(cfg, disc_ndf=disc["main.0.weight"].shape[0],
+                                  disc_layers=max(1, sum(k.endswith("running_mean") for k in disc)))
     return dataclasses.replace(cfg, model=model.config), model, disc
 
 

@@ -181,7 +181,7 @@ REFERENCE_F16 = dataclasses.replace(REFERENCE_TINY, ch_mult=(1, 1, 1, 1, 2), att
 def reference_ckpt_with_discriminator(tmp_path):
     """A taming-transformers .ckpt with the whole discriminator under loss.discriminator.*."""
     torch.manual_seed(1)
-    model, disc = VQGAN(REFERENCE_F16), NLayerDiscriminator()
+    model, disc = VQGAN(REFERENCE_F16), NLayerDiscriminator(ndf=32, n_layers=2)  # not our defaults
     state = {**model.state_dict(), **{f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()},
              "loss.perceptual_loss.lin0.model.1.weight": torch.rand(1, 64, 1, 1)}
     save_lightning(tmp_path / "ref.ckpt", state)
@@ -223,6 +223,7 @@ def test_init_from_our_checkpoint_a_model_folder_and_a_reference_ckpt(images, vq
     path, model, disc = reference_ckpt_with_discriminator(tmp_path)
     ref, r = fine_tune(cli, images, tmp_path / "c", path, "--disc-start", "0")
     assert "(with its discriminator)" in r.stdout and ref["model_config"]["resolution"] == 256
+    assert (ref["train_config"]["disc_ndf"], ref["train_config"]["disc_layers"]) == (32, 2)  # read from its weights
     assert_near(ref["model"], model.state_dict())
     assert_near(ref["discriminator"], disc.state_dict())
 
@@ -273,6 +274,8 @@ def test_npz_holds_the_samples_as_uint8(transformer_run, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "only.npz")["arr_0"].shape == (3, 16, 16, 3) and not (tmp_path / "none").exists()
     assert_user_error(cli("sample_transformer", *common, "--no-png"), "give --npz FILE too")
+    (tmp_path / "taken.npz").mkdir()
+    assert_user_error(cli("sample_transformer", *common, "--npz", tmp_path / "taken.npz"), "is a folder")  # before sampling
 
 
 @pytest.mark.slow
