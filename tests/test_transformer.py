@@ -1,4 +1,6 @@
 """VQGANTransformer: token layout, sampling filters, cache, sliding window, conditioning."""
+import types
+
 import pytest
 import torch
 
@@ -259,3 +261,52 @@ def test_the_training_forward_with_its_loss_is_one_graph(small_cfg):
     torch.manual_seed(1)
     _, expected = m(codes, labels, pkeep=0.7, class_dropout=0.5)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_graph_capture_leaves_no_trace_of_its_warm_up(small_cfg, monkeypatch):
+    """transformer.captured on CPU stand-ins for the CUDA calls: the warm-up step really runs
+    (as on a side stream), the step inside the capture block does not (recording only; emulated
+    by putting every tensor back), and replay runs the step. The tokens must be the eager loop's:
+    whatever the warm-up changed is restored or overwritten by the first real step."""
+    import contextlib
+
+    import transformer
+
+    m = make(small_cfg)
+    eager, graphed = loop_for(m, top_k=5), loop_for(m, top_k=5)
+
+    class Graph:
+        def replay(self):
+            self.step()
+
+    @contextlib.contextmanager
+    def capture(graph, capture_error_mode=None):
+        tensors = [graphed.codes, graphed.logits, graphed.t, graphed.cache.k, graphed.cache.v]
+        before = [t.clone() for t in tensors]
+        yield
+        for t, value in zip(tensors, before):  # recording runs nothing
+            t.copy_(value)
+        graph.step = graphed.step
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: types.SimpleNamespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    draws = {}
+    for name, loop in (("eager", eager), ("graphed", graphed)):
+        g = torch.Generator().manual_seed(5)
+        loop.run(16, lambda loop=loop, g=g: loop.noise.exponential_(1, generator=g), cuda_graph=name == "graphed")
+        draws[name] = loop.codes.clone()
+    assert torch.equal(draws["eager"], draws["graphed"])
+
+
+def test_a_failed_capture_samples_eagerly_with_a_warning(small_cfg):
+    """Without CUDA the capture fails at once: a warning, the state untouched, the eager step."""
+    from transformer import captured
+
+    loop = loop_for(make(small_cfg), top_k=5)
+    before = loop.logits.clone(), loop.t.clone()
+    with pytest.warns(UserWarning, match="without a CUDA graph"):
+        step = captured(loop.step, [loop.logits, loop.t])
+    assert step == loop.step and torch.equal(loop.logits, before[0]) and torch.equal(loop.t, before[1])
