@@ -245,21 +245,22 @@ def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Option
                   ema=EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None)
 
 
-# torch.compile's backend for --compile (tests trace with "aot_eager": the same graphs, no code generation)
-COMPILE_BACKEND = "inductor"
+# torch.compile's options for --compile (tests trace with backend "aot_eager", the same graphs without code
+# generation, and fullgraph=True, so that a graph break fails them)
+COMPILE_OPTIONS: dict = dict(backend="inductor")
 
 
 def compile_stage1(model: VQGAN, disc: nn.Module, perceptual: Optional[nn.Module]) -> None:
     """torch.compile in place (state_dict names unchanged): encoder, quantizer, decoder up to its
     last layer (see Decoder.compile_trunk), discriminator and LPIPS. The Gumbel quantizer stays
     eager: its temperature changes every step, which would recompile it."""
-    model.encoder.compile(backend=COMPILE_BACKEND)
+    model.encoder.compile(**COMPILE_OPTIONS)
     if isinstance(model.quantize, VectorQuantizer):
-        model.quantize.compile(backend=COMPILE_BACKEND)
-    model.decoder.compile_trunk(backend=COMPILE_BACKEND)
-    disc.compile(backend=COMPILE_BACKEND)
+        model.quantize.compile(**COMPILE_OPTIONS)
+    model.decoder.compile_trunk(**COMPILE_OPTIONS)
+    disc.compile(**COMPILE_OPTIONS)
     if perceptual is not None:
-        perceptual.compile(backend=COMPILE_BACKEND)
+        perceptual.compile(**COMPILE_OPTIONS)
 
 
 def checkpoint_dict(s: Stage1, step: int) -> dict:
