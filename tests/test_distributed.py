@@ -41,8 +41,8 @@ def torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def side_jobs(images, tmp_path_factory):
-    """Three torchrun jobs started at once (each spends seconds starting processes): the joint
-    discriminator pass, a user error on every rank, an exception on rank 1 alone."""
+    """Two torchrun jobs started at once (each spends seconds starting processes): a user error on
+    every rank, an exception on rank 1 alone."""
     tmp = tmp_path_factory.mktemp("torchrun_jobs")
     driver = tmp / "driver.py"
     driver.write_text(
@@ -59,10 +59,7 @@ def side_jobs(images, tmp_path_factory):
         "training_vqgan.train_step = failing\n"
         "sys.exit(run_cli(training_vqgan.main, parse_train_vqgan))\n")
     start = time.time()
-    jobs = {"joint": start_torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir",
-                                    str(tmp / "joint"), *STAGE1, "--max-steps", "2", "--disc-start", "0",
-                                    "--disc-joint-batch"),
-            "user_error": start_torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir",
+    jobs = {"user_error": start_torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir",
                                          str(tmp / "r"), *STAGE1, "--max-steps", "2", "--grad-accum", "4"),
             "exception": start_torchrun(str(driver), "--dataset-path", str(images), "--output-dir", str(tmp / "run"),
                                         *STAGE1, "--max-steps", "6")}
@@ -72,10 +69,13 @@ def side_jobs(images, tmp_path_factory):
 
 @pytest.mark.slow
 def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, tmp_path):
+    """Stage 1 for 2 steps with one discriminator pass over real and fake (--disc-joint-batch),
+    resumed to step 4 with the default separate passes (BatchNorm buffers not broadcast); then
+    stage 2. Every run ends with identical replicas (weights, and their EMA)."""
     run = tmp_path / "vqgan"
     codebook = ["--codebook-ema", "0.9", "--codebook-restart-after", "1", "--codebook-kmeans-init", "--ema-decay", "0.9"]
     first = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(run), *STAGE1, *codebook,
-                     "--max-steps", "2", "--disc-start", "1", "--grad-accum", "2")  # separate real and fake passes
+                     "--max-steps", "2", "--disc-start", "1", "--grad-accum", "2", "--disc-joint-batch")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "weights identical on all 2 processes" in first.stdout
     assert "global batch 8 = 2 per process x 2 x 2 accumulated" in first.stdout
@@ -83,12 +83,16 @@ def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, t
     assert "EMA of the weights, decay 0.9" in first.stdout  # its tensors are among the replicas compared
 
     resumed = torchrun("training_vqgan.py", "--dataset-path", str(images), "--output-dir", str(run), *STAGE1, *codebook,
-                       "--max-steps", "4", "--disc-start", "1", "--grad-accum", "2", "--resume", "latest")
+                       "--max-steps", "4", "--disc-start", "1", "--grad-accum", "2", "--resume", "latest",
+                       "--no-disc-joint-batch")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 2" in resumed.stdout and "weights identical on all 2 processes" in resumed.stdout
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    assert "changed on resume: disc_joint_batch True -> False" in resumed.stdout
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in lines if "loss" in m]
     assert steps == [1, 2, 3, 4]  # one line per step, written once (rank 0), continuing the count
+    # the discriminator learnt from --disc-start 1 on: joint at step 2, separate at steps 3 and 4
+    assert [m["step"] for m in lines if "d_loss" in m] == [2, 3, 4]
     rng = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["rng"]
     assert len(rng["ranks"]) == 2  # each process resumes its own random stream
     assert not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])  # seeded per process
@@ -100,18 +104,6 @@ def test_both_stages_under_torchrun_keep_replicas_identical_and_resume(images, t
                       "--ema-decay", "0.9")
     assert stage2.returncode == 0, stage2.stderr[-3000:]
     assert "weights identical on all 2 processes" in stage2.stdout
-
-
-@pytest.mark.slow
-def test_the_joint_discriminator_batch_runs_under_torchrun(side_jobs):
-    """The default (separate real and fake passes, BatchNorm buffers not broadcast) runs in the
-    test above; the one-pass option (--disc-joint-batch) runs here."""
-    results, tmp, _ = side_jobs
-    joint = results["joint"]
-    assert joint.returncode == 0, joint.stderr[-3000:]
-    assert "weights identical on all 2 processes" in joint.stdout
-    lines = [json.loads(line) for line in (tmp / "joint" / "metrics.jsonl").read_text().splitlines()]
-    assert all("d_loss" in m for m in lines if "loss" in m)  # the discriminator trained at every step
 
 
 @pytest.mark.slow
