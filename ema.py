@@ -100,6 +100,12 @@ class EMA:
         self.updates = updates
 
 
+def evaluated_with(ema: Optional[EMA], model: nn.Module, raw: bool):
+    """The context validation and sample grids run in: the averaged weights swapped into `model`
+    when there is an average and `raw` (--raw-weights) is off; else nothing changes."""
+    return contextlib.nullcontext() if ema is None or raw else ema.swapped_in(model)
+
+
 def averaged_state(ckpt: dict, raw: bool = False, entry: str = "model") -> dict:
     """The model state of a checkpoint: with its EMA parameters in place when it has them, unless
     `raw` (the trained weights themselves)."""

@@ -81,11 +81,6 @@ def save_folder(folder, meta: dict, state: dict) -> Path:
     return folder
 
 
-def load_folder(folder: Path) -> dict:
-    """A model folder as a checkpoint dict: config.json's entries, the tensors under "model"."""
-    return load_checkpoint(folder / WEIGHTS_NAME)
-
-
 class PretrainedMixin:
     """save_pretrained / from_pretrained / push_to_hub on top of a class's checkpoint dict:
     `checkpoint_entries()` gives (meta, state) and `from_checkpoint_dict(ckpt, what)` rebuilds."""

@@ -29,14 +29,13 @@ from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_stric
 from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from distributed import DistInfo, all_finite, is_main_process
-from ema import EMA, restore_ema
+from ema import EMA, evaluated_with, restore_ema
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape
 from runconfig import parse_train_transformer
 from runfolder import RunFolder, start_run
 from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, interactive, log,
                    lr_at, resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
-from pretrained import WEIGHTS_NAME
 from vqgan import VQGAN, vqgan_from_stage2
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -89,9 +88,7 @@ class Stage2:
 
     def eval_weights(self):
         """Validation and sample grids: the EMA weights swapped in (unless --raw-weights)."""
-        if self.ema is None or self.cfg.raw_weights:
-            return contextlib.nullcontext()
-        return self.ema.swapped_in(self.model.gpt)
+        return evaluated_with(self.ema, self.model.gpt, self.cfg.raw_weights)
 
 
 def to_tokens(s: Stage2, x: torch.Tensor) -> torch.Tensor:
@@ -231,11 +228,7 @@ def restore(s: Stage2, ckpt: dict, path: str) -> int:
 def load_init(path: str) -> VQGANTransformer:
     """--init-from: the stage-2 model to fine-tune (GPT and its VQGAN; the EMA weights when the
     file has them), from one of our stage-2 checkpoints or a model folder."""
-    file = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
-    if os.path.isdir(path) and not os.path.isfile(file):
-        raise UserError(f"--init-from {path} is a folder without {WEIGHTS_NAME}: give a stage-2 model folder or "
-                        "checkpoint.")
-    ckpt = load_checkpoint(file)
+    ckpt = load_checkpoint(path)  # a checkpoint file or a model folder
     if (ckpt.get("token_layout") or {}).get("reference"):
         raise UserError(f"--init-from {path} is a taming-transformers transformer: its token layout has no 'no class' "
                         "token and shares the start token with code 0, which training here does not use. Fine-tuning "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -30,7 +29,7 @@ from codebook import CodebookStats, CodebookUsage, VectorQuantizer
 from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from discriminator import NLayerDiscriminator
-from ema import EMA, restore_ema
+from ema import EMA, evaluated_with, restore_ema
 from distributed import DistInfo, all_finite, barrier, is_main_process
 from errors import UserError
 from losses import (LossWeights, backward_fused, discriminator_logits, discriminator_loss, generator_objective,
@@ -38,7 +37,6 @@ from losses import (LossWeights, backward_fused, discriminator_logits, discrimin
 from lpips import LPIPS, VGGWeightsUnavailable, load_lpips
 from metrics import psnr
 from official import checkpoint_kind, sub_state
-from pretrained import WEIGHTS_NAME
 from runconfig import parse_train_vqgan
 from runfolder import RunFolder, start_run
 from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, log, lr_at,
@@ -68,9 +66,7 @@ class Stage1:
 
     def eval_weights(self):
         """Validation and sample grids: the EMA weights swapped in (unless --raw-weights)."""
-        if self.ema is None or self.cfg.raw_weights:
-            return contextlib.nullcontext()
-        return self.ema.swapped_in(self.model)
+        return evaluated_with(self.ema, self.model, self.cfg.raw_weights)
 
     @property
     def weights(self) -> LossWeights:
@@ -325,11 +321,7 @@ def load_init(cfg: TrainVQGANConfig) -> tuple[TrainVQGANConfig, VQGAN, Optional[
     config with the file's architecture, and the discriminator's weights when the file has one
     (ours: its "discriminator"; the reference's: loss.discriminator.*)."""
     path = cfg.init_from
-    file = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
-    if os.path.isdir(path) and not os.path.isfile(file):
-        raise UserError(f"--init-from {path} is a folder without {WEIGHTS_NAME}: give a model folder, a checkpoint "
-                        "file or a taming-transformers .ckpt.")
-    ckpt = load_checkpoint(file)
+    ckpt = load_checkpoint(path)  # a checkpoint file or a model folder
     model = VQGAN.from_checkpoint_dict(ckpt, f"--init-from {path}")
     disc = ckpt.get("discriminator")
     if checkpoint_kind(ckpt) == "reference-vqgan":

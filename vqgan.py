@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import load_checkpoint, load_strict, require_entries, save_checkpoint
-from codebook import GumbelQuantizer, Quantized, VectorQuantizer
+from codebook import GumbelQuantizer, VectorQuantizer
 from config import VQGANConfig, config_to_dict, model_config_from_dict
 from decoder import Decoder
 from encoder import Encoder

@@ -270,8 +270,6 @@ def test_the_graph_capture_leaves_no_trace_of_its_warm_up(small_cfg, monkeypatch
     whatever the warm-up changed is restored or overwritten by the first real step."""
     import contextlib
 
-    import transformer
-
     m = make(small_cfg)
     eager, graphed = loop_for(m, top_k=5), loop_for(m, top_k=5)
 
