@@ -28,7 +28,11 @@ random choices broadcast from rank 0, so every process keeps the same codebook:
                                          et al. 2017, Appendix A.1; Razavi et al. 2019, VQ-VAE-2)
   kmeans_init     (--codebook-kmeans-init) codes start as k-means centroids of the first steps'
                                          encoder outputs (Lancucki et al. 2020, "Robust Training of
-                                         Vector Quantized Bottleneck Models")
+                                         Vector Quantized Bottleneck Models"); until then z passes
+                                         to the decoder unquantized. With --codebook-warmup N that
+                                         lasts N optimizer steps and the centroids are those of the
+                                         latest outputs, so that an encoder that has learnt
+                                         something places the codes, not a random one
   restart_after   (--codebook-restart-after N) a code unused for N optimizer steps is replaced by
                                          an encoder output of the last step (Dhariwal et al.
                                          2020, "Jukebox", Sec. 3.3; Lancucki et al. 2020), drawn
@@ -86,7 +90,8 @@ def nearest(x: torch.Tensor, e: torch.Tensor, chunk: int = 16384) -> torch.Tenso
 class VectorQuantizer(nn.Module):
     def __init__(self, *, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = False,
                  l2_norm: bool = False, codebook_dim: int = 0, ema_decay: float = 0.0, kmeans_init: bool = False,
-                 restart_after: int = 0, entropy_weight: float = 0.0, entropy_temperature: float = 0.01):
+                 restart_after: int = 0, entropy_weight: float = 0.0, entropy_temperature: float = 0.01,
+                 warmup: int = 0):
         super().__init__()
         self.n_embed, self.beta, self.legacy, self.l2_norm = n_embed, beta, legacy, l2_norm
         self.ema, self.entropy_weight, self.entropy_temperature = ema_decay > 0, entropy_weight, entropy_temperature
@@ -99,7 +104,7 @@ class VectorQuantizer(nn.Module):
         if ema_decay or kmeans_init or restart_after:
             self.maintenance = CodebookMaintenance(n_embed, codebook_dim or embed_dim, ema_decay=ema_decay,
                                                    kmeans_init=kmeans_init, restart_after=restart_after,
-                                                   spherical=l2_norm, initial=self.embedding.weight)
+                                                   spherical=l2_norm, initial=self.embedding.weight, warmup=warmup)
         if self.ema:
             self.embedding.weight.requires_grad_(False)  # moved by update(), not by the optimizer
         self.register_load_state_dict_pre_hook(_maintenance_buffers_moved)
@@ -133,6 +138,10 @@ class VectorQuantizer(nn.Module):
             if self.entropy_weight:
                 q_loss = q_loss + self.entropy_weight * self.entropy_loss(z_e, e)
             e_q = z_e + (e_q - z_e).detach()  # straight-through estimator
+            if self.maintenance is not None and self.maintenance.kmeans_init:
+                # Until the k-means initialization, z passes through unquantized (no host sync).
+                live = self.maintenance.initted
+                e_q, q_loss = torch.where(live, e_q, z_e), torch.where(live, q_loss, torch.zeros_like(q_loss))
             z_q = self.project_out(e_q).view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
         out = Quantized(z_q, indices.view(b, h, w), q_loss)
         return (out, CodebookStats(z_e.detach(), indices)) if return_stats else out
@@ -157,6 +166,20 @@ class VectorQuantizer(nn.Module):
         """After a successful optimizer step: EMA, k-means initialization and restarts (whichever
         are on) from that step's statistics. Returns logs as 0-dim tensors."""
         return {} if self.maintenance is None else self.maintenance.update(self.embedding.weight, stats)
+
+    def kmeans_pool_state(self) -> Optional[dict]:
+        """What a checkpoint needs to resume exactly before the k-means initialization (the
+        encoder outputs pooled so far and the steps counted); None once it is done or when off."""
+        m = self.maintenance
+        if m is None or not m.kmeans_init or bool(m.initted):
+            return None
+        return {"steps": m.pooled_steps, "pool": list(m._pool)}
+
+    def load_kmeans_pool_state(self, state: Optional[dict]) -> None:
+        if state is not None and self.maintenance is not None:
+            device = self.embedding.weight.device
+            self.maintenance.pooled_steps = int(state["steps"])
+            self.maintenance._pool = [p.to(device) for p in state["pool"]]
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) long -> (B, C, h, w): the codes at the indices, as the decoder receives them."""
@@ -197,9 +220,9 @@ class CodebookMaintenance(nn.Module):
     the codes; it runs once per successful optimizer step."""
 
     def __init__(self, n_embed: int, dim: int, *, ema_decay: float, kmeans_init: bool, restart_after: int,
-                 spherical: bool, initial: torch.Tensor):
+                 spherical: bool, initial: torch.Tensor, warmup: int = 0):
         super().__init__()
-        self.n_embed, self.ema_decay, self.kmeans_init = n_embed, ema_decay, kmeans_init
+        self.n_embed, self.ema_decay, self.kmeans_init, self.warmup = n_embed, ema_decay, kmeans_init, warmup
         self.restart_after, self.spherical = restart_after, spherical
         if ema_decay:
             self.register_buffer("ema_cluster_size", torch.ones(n_embed))
@@ -209,11 +232,12 @@ class CodebookMaintenance(nn.Module):
         if kmeans_init:
             self.register_buffer("initted", torch.zeros((), dtype=torch.bool))
         self._pool: list[torch.Tensor] = []  # encoder outputs gathered for the k-means initialization
+        self.pooled_steps = 0  # optimizer steps seen before it
         self._initted = False  # a host-side copy of `initted`: no sync per step once it is done
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._initted, self._pool = False, []  # read `initted` again at the next update
+        self._initted, self._pool, self.pooled_steps = False, [], 0  # read `initted` again at the next update
 
     def update(self, weight: torch.Tensor, stats: CodebookStats) -> dict:
         z_e, indices = stats
@@ -221,7 +245,11 @@ class CodebookMaintenance(nn.Module):
             self._initted = bool(self.initted)  # a host sync, only until the initialization is done
             if not self._initted:
                 self._pool.append(z_e)
-                if sum(p.shape[0] for p in self._pool) >= 2 * self.n_embed:
+                self.pooled_steps += 1
+                # During a warm-up only the latest outputs (at least 2 per code) are kept.
+                while self.warmup and sum(p.shape[0] for p in self._pool[1:]) >= 2 * self.n_embed:
+                    self._pool.pop(0)
+                if self.pooled_steps >= self.warmup and sum(p.shape[0] for p in self._pool) >= 2 * self.n_embed:
                     self._initialize(weight, torch.cat(self._pool))
                 return {}  # the codes do nothing else before they are initialized
         counts = all_reduce_sum(torch.bincount(indices, minlength=self.n_embed).to(z_e.dtype))  # (K,)
@@ -244,7 +272,7 @@ class CodebookMaintenance(nn.Module):
         self.initted.fill_(True)
         if self.restart_after:  # the new codes get their full grace period
             self.unused_steps.zero_()
-        self._initted, self._pool = True, []
+        self._initted, self._pool, self.pooled_steps = True, [], 0
 
     def _ema(self, weight: torch.Tensor, z_e: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
         """N <- d N + (1-d) n,  m <- d m + (1-d) sum(z),  e = m / ((N + eps) / (sum N + K eps) * sum N)
@@ -312,6 +340,12 @@ class GumbelQuantizer(nn.Module):
 
     def update(self, stats) -> dict:
         return {}  # nothing learns outside the gradient
+
+    def kmeans_pool_state(self) -> None:
+        return None
+
+    def load_kmeans_pool_state(self, state) -> None:
+        pass
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         return self.embed(indices).permute(0, 3, 1, 2)

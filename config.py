@@ -41,6 +41,7 @@ class VQGANConfig:
     num_res_blocks: int = option(2, "ResnetBlocks per encoder level (the decoder has one more)")
     attn_resolutions: tuple[int, ...] = option((16,), "feature-map sides, counted from --resolution, that get self-attention")
     dropout: float = option(0.0, "dropout inside ResnetBlocks")
+    out_norm_groups: int = option(32, "groups of the GroupNorm before the encoder's and the decoder's output convolutions (the reference: 32; the tiny preset: 1, which keeps an image's overall colour, see README)")
     in_channels: int = option(3, "channels of input images (1 or 3)")
     out_channels: int = option(3, "channels of reconstructed images")
     resolution: int = option(256, "training image side in pixels; also places attention")
@@ -56,6 +57,7 @@ class VQGANConfig:
     codebook_dim: int = option(0, "look codes up in this many dimensions, projected from and back to --embed-dim (ViT-VQGAN factorized codes; 0: no projection)")
     codebook_ema: float = option(0.0, "decay of EMA code updates instead of codebook gradients, e.g. 0.99 (VQ-VAE appendix; 0: off)")
     codebook_kmeans_init: bool = option(False, "initialize the codes by k-means on the first batches' encoder outputs")
+    codebook_warmup: int = option(0, "with --codebook-kmeans-init: train this many optimizer steps with z passed to the decoder unquantized, then initialize the codes by k-means on the latest encoder outputs (0: from the first steps')")
     codebook_restart_after: int = option(0, "replace a code unused for this many optimizer steps by a recent encoder output (Jukebox; 0: off)")
     codebook_entropy_weight: float = option(0.0, "weight of the entropy regularizer on soft code assignments (MAGVIT-v2; 0: off)")
 
@@ -67,7 +69,11 @@ class VQGANConfig:
                             "multiplier per level, e.g. --ch-mult 1 2 4.")
         require(self, dict(ch=1, num_res_blocks=1, in_channels=1, out_channels=1, resolution=1, z_channels=1,
                             embed_dim=1, n_embed=1, beta=0.0, dropout=0.0, gumbel_kl_weight=0.0, codebook_dim=0,
-                            codebook_ema=0.0, codebook_restart_after=0, codebook_entropy_weight=0.0))
+                            codebook_ema=0.0, codebook_restart_after=0, codebook_entropy_weight=0.0,
+                            codebook_warmup=0, out_norm_groups=1))
+        if self.codebook_warmup and not self.codebook_kmeans_init:
+            raise UserError(f"--codebook-warmup {self.codebook_warmup} ends with the k-means initialization of the "
+                            "codes: add --codebook-kmeans-init, or drop --codebook-warmup.")
         if not self.codebook_ema < 1.0:
             raise UserError(f"--codebook-ema {self.codebook_ema} is out of range: give a decay below 1, e.g. 0.99, "
                             "or 0 to train the codes by gradient.")
@@ -80,6 +86,10 @@ class VQGANConfig:
         if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
             raise UserError(f"ch={self.ch} with ch_mult={list(self.ch_mult)} gives a width that is not a "
                             "multiple of 32, which GroupNorm(32) needs: choose --ch as a multiple of 32.")
+        widths = (self.ch * self.ch_mult[0], self.ch * self.ch_mult[-1])
+        if any(w % self.out_norm_groups for w in widths):
+            raise UserError(f"--out-norm-groups {self.out_norm_groups} does not divide the widths it normalizes "
+                            f"({widths[0]} and {widths[1]} channels): choose a divisor of both, e.g. 1 or 32.")
         if self.resolution % self.downsample_factor:
             raise UserError(f"image size {self.resolution} is not divisible by the downsampling factor "
                             f"{self.downsample_factor} (2^(len(ch_mult)-1)): choose --image-size as a multiple "
@@ -285,8 +295,13 @@ class Preset:
 # 25 uses in that many steps (tiny: 512 tokens per batch, 1024 codes, 50 steps; f16 at batch 16:
 # 4096 tokens, 16384 codes, 100 steps): a code restarted then is really dead.
 IMPROVED_CODEBOOK: dict = dict(codebook_dim=8, codebook_kmeans_init=True)
+# The tiny model normalizes the input of both output convolutions as one group (out_norm_groups=1):
+# with the reference's 32 groups, the encoder's last GroupNorm (4 channels a group at 8x8 latents)
+# removes most of each crop's overall colour, and the decoder's (one channel a group) leaves it few
+# ways to paint it back; the tiny codebook trains its first 50 steps unquantized (codebook_warmup)
+# and then initializes the codes by k-means on what the encoder has learnt by then (README "Demo results").
 _TINY = dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64, z_channels=64,
-             embed_dim=64, n_embed=1024)
+             embed_dim=64, n_embed=1024, out_norm_groups=1)
 _TINY_RUN = dict(batch_size=8, learning_rate=1e-3, disc_start=2000)
 _F16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256, z_channels=256,
             embed_dim=256)
@@ -295,7 +310,7 @@ _L2 = dict(**IMPROVED_CODEBOOK, codebook_l2_norm=True, codebook_restart_after=10
 PRESETS: dict[str, Preset] = {
     # A CPU-sized model for the demo and quick experiments: 64x64 images, 8x8 tokens, the improved
     # codebook (tiny-vq: the same with plain VQ, for comparison).
-    "tiny": Preset(dict(**_TINY, **IMPROVED_CODEBOOK, codebook_restart_after=50), _TINY_RUN),
+    "tiny": Preset(dict(**_TINY, **IMPROVED_CODEBOOK, codebook_restart_after=50, codebook_warmup=50), _TINY_RUN),
     "tiny-vq": Preset(dict(_TINY), _TINY_RUN),
     # The reference's ImageNet models (Esser et al. 2021, Tab. 2 / released checkpoints): plain VQ.
     "f16-1024": Preset(dict(**_F16, n_embed=1024)),

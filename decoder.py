@@ -13,7 +13,7 @@ from helper import AttnBlock, Normalize, ResnetBlock, Upsample, swish
 class Decoder(nn.Module):
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int], out_channels: int, resolution: int,
-                 z_channels: int, dropout: float = 0.0):
+                 z_channels: int, dropout: float = 0.0, out_norm_groups: int = 32):
         super().__init__()
         num_levels = len(ch_mult)
         block_in = ch * ch_mult[-1]
@@ -41,7 +41,7 @@ class Decoder(nn.Module):
             levels[i_level] = level
         self.up = nn.ModuleList(levels)  # stored highest resolution first (reference order)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, out_norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, stride=1, padding=1)
 
     def compile_trunk(self, **options) -> None:

@@ -14,7 +14,7 @@ from helper import AttnBlock, Downsample, Normalize, ResnetBlock, swish
 class Encoder(nn.Module):
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int], in_channels: int, resolution: int,
-                 z_channels: int, dropout: float = 0.0, double_z: bool = False):
+                 z_channels: int, dropout: float = 0.0, out_norm_groups: int = 32, double_z: bool = False):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, stride=1, padding=1)
 
@@ -40,7 +40,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(in_channels=block_in)
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, out_norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_channels, H, W)

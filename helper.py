@@ -22,8 +22,8 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
-def Normalize(in_channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):

@@ -267,7 +267,9 @@ def checkpoint_dict(s: Stage1, step: int) -> dict:
             "opt_g": s.opt_g.state_dict(), "opt_d": s.opt_d.state_dict(),
             "scaler_g": s.scaler_g.state_dict(), "scaler_d": s.scaler_d.state_dict(),
             "train_config": config_to_dict(s.cfg), "rng": run_rng_state(),
-            **({"ema": s.ema.state_dict()} if s.ema is not None else {})}
+            **({"ema": s.ema.state_dict()} if s.ema is not None else {}),
+            # before the codes' k-means initialization: what it has pooled (--codebook-warmup)
+            **({"kmeans_pool": pool} if (pool := s.model.quantize.kmeans_pool_state()) is not None else {})}
 
 
 # What a resumed run must keep: the architecture (model config) and these settings of the discriminator.
@@ -302,6 +304,7 @@ def restore(s: Stage1, ckpt: dict, path: str) -> int:
     """Every state of the checkpoint into the built stage, each checked (names, shapes, finite
     weights, optimizer state that fits); a UserError before anything is written otherwise."""
     load_strict(s.model, ckpt["model"], f"{path} (model)")
+    s.model.quantize.load_kmeans_pool_state(ckpt.get("kmeans_pool"))
     load_strict(s.disc, ckpt["discriminator"], f"{path} (discriminator)")
     load_optimizer(s.opt_g, ckpt["opt_g"], f"{path} (opt_g)")
     load_optimizer(s.opt_d, ckpt["opt_d"], f"{path} (opt_d)")

@@ -49,7 +49,8 @@ class VQGAN(PretrainedMixin, nn.Module):
         self.config = config
         arch = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
                     attn_resolutions=config.attn_resolutions, resolution=config.resolution,
-                    z_channels=config.z_channels, dropout=config.dropout)
+                    z_channels=config.z_channels, dropout=config.dropout,
+                    out_norm_groups=config.out_norm_groups)
         self.encoder = Encoder(in_channels=config.in_channels, **arch)
         self.decoder = Decoder(out_channels=config.out_channels, **arch)
         if config.quantizer == "gumbel":  # the reference feeds it quant_conv's output, sized z_channels
@@ -60,7 +61,7 @@ class VQGAN(PretrainedMixin, nn.Module):
                 n_embed=config.n_embed, embed_dim=config.embed_dim, beta=config.beta, legacy=config.legacy_beta,
                 l2_norm=config.codebook_l2_norm, codebook_dim=config.codebook_dim, ema_decay=config.codebook_ema,
                 kmeans_init=config.codebook_kmeans_init, restart_after=config.codebook_restart_after,
-                entropy_weight=config.codebook_entropy_weight)
+                entropy_weight=config.codebook_entropy_weight, warmup=config.codebook_warmup)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 

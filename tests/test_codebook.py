@@ -214,6 +214,37 @@ def test_kmeans_init_finds_the_clusters():
     assert torch.equal(fresh.embedding.weight, vq.embedding.weight)
 
 
+def test_warmup_passes_z_through_then_initializes_on_the_latest_outputs():
+    """--codebook-warmup 3: three steps without quantization (z_q is z, no codebook loss), then
+    k-means on the latest outputs only (2 per code), not the first ones; the pool survives a
+    checkpoint (kmeans_pool_state) so that a resumed run initializes the same codes."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(n_embed=2, embed_dim=2, kmeans_init=True, warmup=3).train()
+    early, late = torch.tensor([[-5.0, -5.0], [-6.0, -6.0]]), torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    copy = VectorQuantizer(n_embed=2, embed_dim=2, kmeans_init=True, warmup=3)
+    for step, centers in enumerate((early, late, late)):
+        z = centers.repeat(2, 1).t().reshape(1, 2, 2, 2)  # 4 vectors: two of each center
+        z.requires_grad_(True)
+        (z_q, _, q_loss), stats = vq(z, return_stats=True)
+        assert torch.equal(z_q, z) and q_loss.item() == 0.0  # unquantized during the warm-up
+        z_q.sum().backward()
+        assert torch.equal(z.grad, torch.ones_like(z))
+        assert not vq.maintenance.initted
+        if step == 2:  # a resumed copy continues from the saved pool
+            copy.load_state_dict(vq.state_dict())
+            copy.load_kmeans_pool_state(vq.kmeans_pool_state())
+            torch.manual_seed(1)  # k-means draws its starting rows (a resume restores the RNG)
+            copy.update(stats)
+            torch.manual_seed(1)
+        vq.update(stats)
+    assert bool(vq.maintenance.initted) and vq.kmeans_pool_state() is None
+    codes = sorted(vq.embedding.weight.detach().tolist())
+    assert codes == sorted(late.tolist())  # the first step's outputs (near -5) were dropped
+    assert torch.equal(copy.embedding.weight, vq.embedding.weight)
+    z_q, indices, q_loss = vq(late.t().reshape(1, 2, 1, 2))
+    assert torch.equal(z_q, late.t().reshape(1, 2, 1, 2)) and q_loss.item() == 0.0  # now quantized: on the codes
+
+
 def test_checkpoints_from_before_the_maintenance_module_load():
     vq = VectorQuantizer(n_embed=4, embed_dim=2, ema_decay=0.9, restart_after=3, kmeans_init=True)
     old_layout = {k.replace("maintenance.", ""): v + 1 for k, v in vq.state_dict().items()}

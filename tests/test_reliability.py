@@ -37,11 +37,13 @@ def assert_resume_is_bit_identical(train, common, tmp_path, keys):
         assert_same_state(a[key], b[key], key)
 
 
-def test_stage1_resume_is_bit_identical(images, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--codebook-warmup", "3"]], ids=["kmeans-at-step-1", "warmup-across-resume"])
+def test_stage1_resume_is_bit_identical(images, tmp_path, extra):
     """Weights, their EMA, optimizer and scaler states (GAN on from step 1; EMA codebook with
-    k-means init and restarts)."""
+    k-means init and restarts). With a codebook warm-up of 3 steps, the resume at step 2 falls
+    inside it: the k-means initialization must still come at step 3, from the same pool."""
     assert_resume_is_bit_identical(lambda argv: training_vqgan.main(parse_train_vqgan(argv)),
-                                   ["--dataset-path", str(images), *STAGE1], tmp_path,
+                                   ["--dataset-path", str(images), *STAGE1, *extra], tmp_path,
                                    ("model", "ema", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"))
 
 
