@@ -4,10 +4,11 @@ import dataclasses
 
 import pytest
 
-from config import DEMO_TRANSFORMER, DEMO_VQGAN, PRESETS, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig
+from config import DEMO_TRANSFORMER, DEMO_VQGAN, PRESETS, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig, make_config
 from errors import UserError
 from flags import add_fields
 from runconfig import parse_train_transformer, parse_train_vqgan
+from vqgan import VQGAN
 
 
 def help_text(*classes) -> str:
@@ -109,6 +110,14 @@ def test_config_round_trips_through_a_dict():
         model_config_from_dict(VQGANConfig, {**config_to_dict(cfg), "new_field": 1})
     older = {k: v for k, v in config_to_dict(cfg).items() if k != "gumbel_kl_weight"}  # written before the field
     assert model_config_from_dict(VQGANConfig, older) == cfg
+    # a tiny run of an earlier version: its config does not name the output GroupNorm's groups or
+    # the codebook warm-up, and it was trained with the reference's 32 groups and no warm-up
+    tiny = {k: v for k, v in config_to_dict(make_config(TrainVQGANConfig, VQGANConfig, {"preset": "tiny"}, PRESETS).model).items()
+            if k not in ("out_norm_groups", "codebook_warmup")}
+    old_tiny = model_config_from_dict(VQGANConfig, tiny)
+    assert (old_tiny.out_norm_groups, old_tiny.codebook_warmup) == (32, 0)
+    assert VQGAN(old_tiny).encoder.norm_out.num_groups == VQGAN(old_tiny).decoder.norm_out.num_groups == 32
+    assert PRESETS["tiny"].model["out_norm_groups"] == 1 and PRESETS["tiny"].model["codebook_warmup"] == 50
 
 
 def help_entries(text: str) -> dict[str, str]:
@@ -146,3 +155,13 @@ def test_every_cli_renders_its_help(cli, command):
         assert all(f"{k}={v}" in text for k, v in demo.items())
         assert "With --resume the run's saved configuration applies" in text
         assert "--print-config" in entries and "--config" in entries
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--codebook-warmup", "10"], "add --codebook-kmeans-init"),
+    (["--out-norm-groups", "3"], "does not divide the widths it normalizes"),
+    (["--out-norm-groups", "0"], "--out-norm-groups 0 is out of range"),
+])
+def test_output_norm_and_warmup_flags_are_checked(flags, message):
+    with pytest.raises(UserError, match=message):
+        parse_train_vqgan(["--dataset-path", "d", *flags])
