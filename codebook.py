@@ -167,13 +167,18 @@ class VectorQuantizer(nn.Module):
         are on) from that step's statistics. Returns logs as 0-dim tensors."""
         return {} if self.maintenance is None else self.maintenance.update(self.embedding.weight, stats)
 
+    def codes_initialized(self) -> bool:
+        """False while the codes wait for their k-means initialization (a checkpoint saved inside
+        --codebook-warmup): until then the decoder sees z itself and the indices mean nothing."""
+        m = self.maintenance
+        return m is None or not m.kmeans_init or bool(m.initted)
+
     def kmeans_pool_state(self) -> Optional[dict]:
         """What a checkpoint needs to resume exactly before the k-means initialization (the
         encoder outputs pooled so far and the steps counted); None once it is done or when off."""
-        m = self.maintenance
-        if m is None or not m.kmeans_init or bool(m.initted):
+        if self.codes_initialized():
             return None
-        return {"steps": m.pooled_steps, "pool": list(m._pool)}
+        return {"steps": self.maintenance.pooled_steps, "pool": list(self.maintenance._pool)}
 
     def load_kmeans_pool_state(self, state: Optional[dict]) -> None:
         if state is not None and self.maintenance is not None:
@@ -340,6 +345,9 @@ class GumbelQuantizer(nn.Module):
 
     def update(self, stats) -> dict:
         return {}  # nothing learns outside the gradient
+
+    def codes_initialized(self) -> bool:
+        return True
 
     def kmeans_pool_state(self) -> None:
         return None

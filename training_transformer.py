@@ -253,7 +253,12 @@ def load_vqgan(cfg: TrainTransformerConfig, resumed: Optional[dict], resume: Opt
     if cfg.vqgan_checkpoint is None and not os.path.isfile(path):
         raise UserError(f"no stage-1 checkpoint at {path}: run `python training_vqgan.py` first, "
                         "or pass --vqgan-checkpoint PATH.")
-    return VQGAN.from_checkpoint(path, config=cfg.vqgan_config), path
+    vqgan = VQGAN.from_checkpoint(path, config=cfg.vqgan_config)
+    if not vqgan.quantize.codes_initialized():
+        raise UserError(f"{path} was saved inside its run's codebook warm-up (--codebook-warmup), before the "
+                        "codes were initialized, so its code indices mean nothing yet: use a later checkpoint "
+                        "of that run.")
+    return vqgan, path
 
 
 def main(cfg: TrainTransformerConfig) -> dict:

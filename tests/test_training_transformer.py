@@ -109,3 +109,23 @@ def test_demo_without_stage1_says_what_to_run(tmp_path, cli, monkeypatch):
     r = cli("training_transformer", "--device", "cpu")
     assert_user_error(r, "run `python training_vqgan.py` first")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_vqgan_saved_inside_its_codebook_warmup_is_refused(tmp_path):
+    from config import TrainTransformerConfig, VQGANConfig
+    from errors import UserError
+    from training_transformer import load_vqgan
+    from vqgan import VQGAN
+
+    cfg = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16, z_channels=8,
+                      embed_dim=8, n_embed=16, codebook_kmeans_init=True, codebook_warmup=5)
+    model = VQGAN(cfg)
+    model.save_pretrained(tmp_path / "early")
+    run = TrainTransformerConfig(dataset_path=str(tmp_path), vqgan_checkpoint=str(tmp_path / "early"))
+    with pytest.raises(UserError, match="inside its run's codebook warm-up"):
+        load_vqgan(run, None, None)
+    model.quantize.maintenance.initted.fill_(True)  # after the k-means step it is a tokenizer
+    model.save_pretrained(tmp_path / "later")
+    vqgan, _ = load_vqgan(TrainTransformerConfig(dataset_path=str(tmp_path), vqgan_checkpoint=str(tmp_path / "later")),
+                          None, None)
+    assert vqgan.quantize.codes_initialized()
