@@ -42,24 +42,43 @@ def run_cli(main: Callable, parse: Callable, argv: Optional[Sequence[str]] = Non
     """Parse flags (argv, default sys.argv[1:]) and run; the exit code: 0; 2 after a UserError
     (also argparse's own errors); 1 after an EnvironmentFault (disk full, read-only output); 130
     after Ctrl-C outside the training loop. Each is one `error: ...` paragraph on stderr, naming
-    the rank under torchrun, never a traceback."""
+    the rank under torchrun, never a traceback. Under torchrun the process ends here (see
+    end_torchrun_process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+    code = None
     try:
         main(parse(None if argv is None else list(argv)))
         barrier()  # under torchrun: every process is done before any tears the process group down
-        return 0
+        code = 0
     except UserError as e:
         print(f"error{where}: {e}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
     except EnvironmentFault as e:
         print(f"error{where}: {e}", file=sys.stderr, flush=True)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         print(f"\ninterrupted{where} (Ctrl-C) before the work was done.", file=sys.stderr, flush=True)
-        return 130
+        code = 130
     finally:
+        distributed = is_distributed()
         cleanup_distributed()
+        if distributed and code is not None:
+            end_torchrun_process(code)
+    return code
+
+
+def end_torchrun_process(code: int) -> None:
+    """Exit a torchrun process now, without the interpreter's shutdown. The gloo process group
+    outlives destroy_process_group once a DistributedDataParallel module was built (PyTorch keeps
+    a reference), so its worker threads still run; one that drops its last hold on a collective's
+    tensor while the interpreter shuts down needs the GIL there and aborts the process ("terminate
+    called without an active exception", exit -6, about one job in 50 on a loaded 2-core machine).
+    The run's files are closed by now (each is written inside a with-block, the run folder's lock
+    by main's), so nothing the shutdown would do is lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ------------------------------------------------------------------ device, precision, batch
