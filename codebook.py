@@ -19,9 +19,10 @@ by default so that plain VQ and the official weights stay as they are, fix that:
                                          for confident and diverse code use (Yu et al. 2023,
                                          "Language Model Beats Diffusion", Eq. 5)
 and three that change the codes outside the gradient. Their buffers and counters live in
-CodebookMaintenance, applied by quantizer.update(stats) after each successful optimizer step with
-the statistics the forward pass returned (so a skipped step simply does not call it, and counts
-and decays count optimizer steps); under torchrun the statistics are summed over processes and
+CodebookMaintenance, applied by quantizer.update(stats, stepped) after each optimizer step with the
+statistics the forward pass returned and whether the step was taken (a skipped step changes
+nothing, and counts and decays count optimizer steps taken; the decision stays on the device, so
+no host synchronization is needed once the codes are initialized); under torchrun the statistics are summed over processes and
 random choices broadcast from rank 0, so every process keeps the same codebook:
   ema_decay       (--codebook-ema DECAY) codes are exponential moving averages of the vectors
                                          assigned to them, not trained by gradients (van den Oord
@@ -54,6 +55,13 @@ from distributed import all_reduce_sum, broadcast
 from helper import at_least_float32
 
 EMA_EPS = 1e-5  # Laplace smoothing of the EMA cluster sizes (VQ-VAE, Appendix A.1)
+
+
+def code_counts(indices: torch.Tensor, n_embed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n_embed,) how often each code occurs in `indices`. torch.bincount would read the largest
+    index back to the host on CUDA (a synchronization each call); this does not."""
+    flat = indices.flatten()
+    return torch.zeros(n_embed, device=flat.device, dtype=dtype).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
 
 
 class Quantized(NamedTuple):
@@ -162,10 +170,14 @@ class VectorQuantizer(nn.Module):
         return per_vector + (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
 
     @torch.no_grad()
-    def update(self, stats: CodebookStats) -> dict:
-        """After a successful optimizer step: EMA, k-means initialization and restarts (whichever
-        are on) from that step's statistics. Returns logs as 0-dim tensors."""
-        return {} if self.maintenance is None else self.maintenance.update(self.embedding.weight, stats)
+    def update(self, stats: CodebookStats, stepped: Optional[torch.Tensor] = None) -> dict:
+        """After an optimizer step: EMA, k-means initialization and restarts (whichever are on) from
+        that step's statistics, where `stepped` (a 0-dim bool tensor; None: True) says the step
+        was taken. Returns logs as 0-dim tensors."""
+        if self.maintenance is None:
+            return {}
+        stepped = torch.ones((), dtype=torch.bool, device=self.embedding.weight.device) if stepped is None else stepped
+        return self.maintenance.update(self.embedding.weight, stats, stepped)
 
     def codes_initialized(self) -> bool:
         """False while the codes wait for their k-means initialization (a checkpoint saved inside
@@ -222,7 +234,8 @@ class CodebookMaintenance(nn.Module):
     """The codebook's learning outside the gradient, with its buffers: EMA statistics
     (ema_cluster_size, ema_embed_sum), steps each code went unused (unused_steps) and whether the
     k-means initialization is done (initted). update() is the only thing that changes them and
-    the codes; it runs once per successful optimizer step."""
+    the codes; it runs once per optimizer step and changes nothing when that step was skipped.
+    After the initialization it never reads a tensor back to the host."""
 
     def __init__(self, n_embed: int, dim: int, *, ema_decay: float, kmeans_init: bool, restart_after: int,
                  spherical: bool, initial: torch.Tensor, warmup: int = 0):
@@ -244,11 +257,13 @@ class CodebookMaintenance(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._initted, self._pool, self.pooled_steps = False, [], 0  # read `initted` again at the next update
 
-    def update(self, weight: torch.Tensor, stats: CodebookStats) -> dict:
+    def update(self, weight: torch.Tensor, stats: CodebookStats, stepped: torch.Tensor) -> dict:
         z_e, indices = stats
         if self.kmeans_init and not self._initted:
             self._initted = bool(self.initted)  # a host sync, only until the initialization is done
             if not self._initted:
+                if not bool(stepped):  # the pool takes only the outputs of steps taken
+                    return {}
                 self._pool.append(z_e)
                 self.pooled_steps += 1
                 # During a warm-up only the latest outputs (at least 2 per code) are kept.
@@ -257,13 +272,14 @@ class CodebookMaintenance(nn.Module):
                 if self.pooled_steps >= self.warmup and sum(p.shape[0] for p in self._pool) >= 2 * self.n_embed:
                     self._initialize(weight, torch.cat(self._pool))
                 return {}  # the codes do nothing else before they are initialized
-        counts = all_reduce_sum(torch.bincount(indices, minlength=self.n_embed).to(z_e.dtype))  # (K,)
+        # A skipped step counts no code and moves nothing (every change below is masked with `stepped`).
+        counts = all_reduce_sum(code_counts(indices, self.n_embed, z_e.dtype)) * stepped  # (K,)
         if self.ema_decay:
-            self._ema(weight, z_e, indices, counts)
+            self._ema(weight, z_e, indices, counts, stepped)
         if not self.restart_after:
             return {}
-        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
-        dead = self.unused_steps >= self.restart_after  # (K,) no host sync below
+        self.unused_steps.add_(stepped.long()).masked_fill_(counts > 0, 0)
+        dead = (self.unused_steps >= self.restart_after) & stepped  # (K,)
         e = F.normalize(weight, dim=1) if self.spherical else weight
         self._set_codes(weight, dead, broadcast(self._restart_candidates(z_e, e, dead)), torch.ones_like(counts))
         self.unused_steps.masked_fill_(dead, 0)
@@ -279,22 +295,28 @@ class CodebookMaintenance(nn.Module):
             self.unused_steps.zero_()
         self._initted, self._pool, self.pooled_steps = True, [], 0
 
-    def _ema(self, weight: torch.Tensor, z_e: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+    def _ema(self, weight: torch.Tensor, z_e: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+             stepped: torch.Tensor) -> None:
         """N <- d N + (1-d) n,  m <- d m + (1-d) sum(z),  e = m / ((N + eps) / (sum N + K eps) * sum N)
-        with n the number of vectors assigned to each code in this step (VQ-VAE, Appendix A.1)."""
+        with n the number of vectors assigned to each code in this step (VQ-VAE, Appendix A.1);
+        where the step was skipped, N, m and e stay as they are."""
         d = self.ema_decay
         sums = all_reduce_sum(torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_e.to(weight.dtype)))
-        self.ema_cluster_size.mul_(d).add_(counts.to(weight.dtype), alpha=1 - d)
-        self.ema_embed_sum.mul_(d).add_(sums, alpha=1 - d)
-        total = self.ema_cluster_size.sum()
-        smoothed = (self.ema_cluster_size + EMA_EPS) / (total + self.n_embed * EMA_EPS) * total
-        weight.copy_(self.ema_embed_sum / smoothed[:, None])
+        size = self.ema_cluster_size * d + counts.to(weight.dtype) * (1 - d)
+        embed_sum = self.ema_embed_sum * d + sums * (1 - d)
+        total = size.sum()
+        smoothed = (size + EMA_EPS) / (total + self.n_embed * EMA_EPS) * total
+        self.ema_cluster_size.copy_(torch.where(stepped, size, self.ema_cluster_size))
+        self.ema_embed_sum.copy_(torch.where(stepped, embed_sum, self.ema_embed_sum))
+        weight.copy_(torch.where(stepped, embed_sum / smoothed[:, None], weight))
 
     def _restart_candidates(self, z_e: torch.Tensor, e: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """(K, D): a new vector for every code (used where the code is dead), drawn from the step's
         encoder outputs with probability proportional to the squared distance to the nearest code,
         without replacement while they last; dead code number j (in index order) takes draw j."""
         error = torch.cat([squared_distances(part, e).min(1).values for part in z_e.split(16384)]).clamp_min(0)
+        # A skipped step's outputs may not be finite (their draw is discarded): keep the weights valid.
+        error = torch.nan_to_num(error, nan=0.0, posinf=0.0)
         weights = torch.where(error.sum() > 0, error, torch.ones_like(error))  # all on codes: uniform
         draws = torch.multinomial(weights, min(z_e.shape[0], self.n_embed), replacement=False)
         order = (dead.long().cumsum(0) - 1).clamp_min(0) % draws.numel()  # dead code j -> draw j
@@ -343,7 +365,7 @@ class GumbelQuantizer(nn.Module):
         out = Quantized(z_q, indices, q_loss)
         return (out, None) if return_stats else out
 
-    def update(self, stats) -> dict:
+    def update(self, stats, stepped=None) -> dict:
         return {}  # nothing learns outside the gradient
 
     def codes_initialized(self) -> bool:
@@ -372,7 +394,7 @@ def usage_from_counts(counts: torch.Tensor):
 @torch.no_grad()
 def codebook_usage(indices: torch.Tensor, n_embed: int):
     """Usage and perplexity (see usage_from_counts) of the codes in `indices`."""
-    return usage_from_counts(torch.bincount(indices.flatten(), minlength=n_embed))
+    return usage_from_counts(code_counts(indices, n_embed))
 
 
 class CodebookUsage:
@@ -386,8 +408,10 @@ class CodebookUsage:
         self.total: Optional[torch.Tensor] = None
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor) -> dict:
-        counts = all_reduce_sum(torch.bincount(indices.flatten(), minlength=self.n_embed).float())
+    def update(self, indices: torch.Tensor, stepped: Optional[torch.Tensor] = None) -> dict:
+        """The statistics of a step's indices (counted only when `stepped`, a 0-dim bool tensor, holds)."""
+        counts = all_reduce_sum(code_counts(indices, self.n_embed))
+        counts = counts if stepped is None else counts * stepped
         self.recent.append(counts)
         self.total = counts.clone() if self.total is None else self.total + counts
         if len(self.recent) > self.window:

@@ -1,7 +1,7 @@
 """Processes under torchrun (PyTorch's launcher, one process per GPU or per CPU worker): this process's
 rank and the world, setting up and ending the process group, the collectives the rest of the
 project uses (each a no-op in a plain single-process run), finiteness decided on every process
-at once, and the check that every process holds the same weights.
+at once (as a device tensor), and the check that every process holds the same weights.
 """
 from __future__ import annotations
 
@@ -89,17 +89,19 @@ def broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_finite(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor], check_grads: bool = True) -> bool:
-    """Whether every loss and (with check_grads) every gradient is finite, on every process.
-    One host sync; called once per optimizer step."""
+def all_finite(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor], check_grads: bool = True) -> torch.Tensor:
+    """Whether every loss and (with check_grads) every gradient is finite, on every process: a
+    0-dim bool tensor on the device, never read back to the host here."""
     flags = [torch.isfinite(torch.stack([loss.detach().float() for loss in losses])).all()]
     grads = [p.grad for p in params if p.grad is not None] if check_grads else []
     if grads:
         flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-    ok = torch.stack(flags).all().float().reshape(1)
+    ok = torch.stack(flags).all()
     if is_distributed():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+        agreed = ok.float().reshape(1)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        ok = agreed[0] > 0
+    return ok
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@ After each successful optimizer step every averaged parameter moves towards the 
 with n the number of updates before this one. The warm-up of d (TensorFlow's ExponentialMovingAverage
 with num_updates) keeps the first steps' random weights from lingering in a short run; after a
 few hundred steps d is D. Buffers (BatchNorm statistics, an EMA codebook's codes) are not
-averaged: the averaged model uses the trained model's. Skipped steps do not update it.
+averaged: the averaged model uses the trained model's. Skipped steps do not update it (nor n); the
+decision arrives as a tensor on the device, and n lives there too, so an update never waits for
+the device.
 
 The average is kept as plain tensors beside the model; `swapped_in` puts them into the model for
 validation and sample grids and puts the trained weights back afterwards, bit for bit.
@@ -35,10 +37,19 @@ class EMA:
 
     def reset(self, model: nn.Module) -> None:
         """Start the average afresh from `model`'s parameters."""
-        self.updates = 0
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.weights = [params[name].detach().clone() for name in self.names]
+        self._n = torch.zeros((), dtype=torch.long, device=self.weights[0].device if self.weights else None)
+
+    @property
+    def updates(self) -> int:
+        """n: the updates so far (read back from the device)."""
+        return int(self._n)
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self._n.fill_(value)
 
     def parameters(self):
         """The averaged tensors (what distributed.replicas_identical compares across processes)."""
@@ -52,12 +63,17 @@ class EMA:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One step of the average towards `model`'s parameters (call after a successful step)."""
-        d = self.current_decay()
+    def update(self, model: nn.Module, stepped: Optional[torch.Tensor] = None) -> None:
+        """One step of the average towards `model`'s parameters after an optimizer step; none
+        where `stepped` (a 0-dim bool tensor; None: True) says that step was skipped."""
+        if not self.weights:
+            return
+        n = self._n.to(self.weights[0].dtype)
+        d = torch.clamp((1 + n) / (10 + n), max=self.decay)
+        weight = 1 - d if stepped is None else (1 - d) * stepped
         params = dict(model.named_parameters())
-        torch._foreach_lerp_(self.weights, [params[name].detach() for name in self.names], 1.0 - d)
-        self.updates += 1
+        torch._foreach_lerp_(self.weights, [params[name].detach() for name in self.names], weight)
+        self._n += 1 if stepped is None else stepped.long()
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):

@@ -28,14 +28,14 @@ from checkpoint import (load_checkpoint, load_optimizer, load_scaler, load_stric
                         set_run_rng_state)
 from config import GPTConfig, TrainTransformerConfig, config_to_dict, model_config_from_dict
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
-from distributed import DistInfo, all_finite, is_main_process
+from distributed import DistInfo, is_main_process
 from ema import EMA, evaluated_with, restore_ema
 from errors import UserError
 from transformer import VQGANTransformer, gpt_shape
 from runconfig import parse_train_transformer
 from runfolder import RunFolder, start_run
 from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, interactive, log,
-                   lr_at, resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
+                   lr_at, optimizer_step, resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
 from vqgan import VQGAN, vqgan_from_stage2
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")
@@ -116,29 +116,22 @@ def train_step(s: Stage2, micro: list, step: int) -> dict:
             s.scaler.scale(loss / len(micro)).backward()
         meter.add({"loss": loss})
     logs = meter.means()
-    ok = all_finite([logs["loss"]], s.model.gpt.parameters(), check_grads=not s.scaler.is_enabled())
-    logs["skipped"] = torch.tensor(0.0 if ok else 1.0)
-    if not ok:  # no update from a non-finite loss or gradient
-        s.opt.zero_grad(set_to_none=True)
-        warn(f"step {step} skipped (no update): non-finite loss or gradients; loss={logs['loss'].item():.4g}")
-        return logs
-    if cfg.grad_clip > 0:
-        s.scaler.unscale_(s.opt)
-        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(s.model.gpt.parameters(), cfg.grad_clip)
-    scale = s.scaler.get_scale() if s.scaler.is_enabled() else None
-    s.scaler.step(s.opt)
-    s.scaler.update()
-    stepped = scale is None or s.scaler.get_scale() >= scale  # fp16: the scale shrinks when the step was skipped
-    if s.ema is not None and stepped:
-        s.ema.update(s.model.gpt)
+    # No update from a non-finite loss or gradient (the loop reports it); nothing here waits for the device.
+    stepped, norm = optimizer_step(s.opt, s.scaler, [logs["loss"]], s.model.gpt.parameters(), clip=cfg.grad_clip)
+    if norm is not None:
+        logs["grad_norm"] = norm
+    if s.ema is not None:
+        s.ema.update(s.model.gpt, stepped)
+    logs["skipped"] = (~stepped).float()
     return logs
 
 
 def build_stage2(cfg: TrainTransformerConfig, model: VQGANTransformer, device: torch.device, total_steps: int,
                  dist_info: DistInfo = DistInfo()) -> Stage2:
     lr, amp_dtype = scaled_lr(cfg, dist_info), resolve_precision(cfg.precision, device)
+    # fused: one kernel per step, and it takes the skip decision as a tensor (optimizer_step)
     opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=device.type == "cuda")
+                            fused=True)
     if cfg.compile:  # the GPT and the loss in one compiled forward (the frozen VQGAN's encoding stays outside)
         model.compile()
     # the frozen VQGAN has no trainable parameters for DDP to synchronize

@@ -30,7 +30,7 @@ from config import TrainVQGANConfig, VQGANConfig, config_to_dict, model_config_f
 from data import EpochSampler, fixed_images, make_loader, run_datasets, training_batches
 from discriminator import NLayerDiscriminator
 from ema import EMA, evaluated_with, restore_ema
-from distributed import DistInfo, all_finite, barrier, is_main_process
+from distributed import DistInfo, barrier, is_main_process
 from errors import UserError
 from losses import (LossWeights, backward_fused, discriminator_logits, discriminator_loss, generator_objective,
                     generator_terms)
@@ -39,7 +39,7 @@ from metrics import psnr
 from official import checkpoint_kind, sub_state
 from runconfig import parse_train_vqgan
 from runfolder import RunFolder, start_run
-from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, log, lr_at,
+from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, log, lr_at, optimizer_step,
                    resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
 from vqgan import VQGAN
 
@@ -93,22 +93,6 @@ def frozen(module: nn.Module):
             p.requires_grad_(f)
 
 
-def apply_update(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, losses: list, params) -> bool:
-    """Step `opt` unless a loss or a gradient is non-finite (then its gradients are dropped and
-    nothing changes); under fp16 the GradScaler handles overflowing gradients itself (only the
-    losses are checked here) and skips the step, which counts as not stepped. True when it stepped."""
-    if not all_finite(losses, params, check_grads=not scaler.is_enabled()):
-        opt.zero_grad(set_to_none=True)
-        return False
-    if not scaler.is_enabled():
-        opt.step()
-        return True
-    scale = scaler.get_scale()
-    scaler.step(opt)
-    scaler.update()
-    return scaler.get_scale() >= scale  # the scale shrinks exactly when the step was skipped
-
-
 def as_list(x) -> list:
     """A batch, or a list of micro-batches (--grad-accum), as a list."""
     return list(x) if isinstance(x, (list, tuple)) else [x]
@@ -145,18 +129,20 @@ def generator_step(s: Stage1, micro, step: int):
     # The loss terms, not the weighted total: under fp16 an overflow in the adaptive weight's
     # gradients makes d_weight NaN, which is the GradScaler's to handle (skip and back off).
     terms = [logs[k] for k in ("rec_loss", "p_loss", "q_loss", "g_loss")]
-    ok = apply_update(s.opt_g, s.scaler_g, terms, s.model.parameters())
-    if ok and stats[0] is not None:
-        logs.update(s.model.quantize.update(CodebookStats.cat(stats)))
-    if ok and s.ema is not None:
-        s.ema.update(s.model)
-    logs["skipped"] = torch.tensor(0.0 if ok else 1.0)
+    stepped, _ = optimizer_step(s.opt_g, s.scaler_g, terms, s.model.parameters())
+    if stats[0] is not None:  # a skipped step leaves the codebook (and the average below) as it was
+        logs.update(s.model.quantize.update(CodebookStats.cat(stats), stepped))
+    if s.ema is not None:
+        s.ema.update(s.model, stepped)
+    logs["skipped"] = (~stepped).float()
     return logs, x_recs, indices
 
 
-def discriminator_step(s: Stage1, micro, x_recs, step: int) -> dict:
+def discriminator_step(s: Stage1, micro, x_recs, step: int, allowed: Optional[torch.Tensor] = None) -> dict:
     """One optimizer step of the PatchGAN on real images and detached reconstructions (a batch
-    and its reconstructions, or lists of micro-batches as generator_step takes and returns them)."""
+    and its reconstructions, or lists of micro-batches as generator_step takes and returns them),
+    unless a loss or gradient is non-finite or `allowed` (a 0-dim bool tensor: the generator's
+    step was taken) is False."""
     if not s.disc_active(step):
         return {}
     micro, x_recs = as_list(micro), as_list(x_recs)
@@ -170,8 +156,9 @@ def discriminator_step(s: Stage1, micro, x_recs, step: int) -> dict:
             s.scaler_d.scale(d_loss / len(micro)).backward()
         logs.add(dict(d_loss=d_loss, logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean()))
     logs = logs.means()
-    ok = apply_update(s.opt_d, s.scaler_d, [logs["d_loss"]], s.disc.parameters())
-    logs["d_skipped"] = torch.tensor(0.0 if ok else 1.0)
+    stepped, _ = optimizer_step(s.opt_d, s.scaler_d, [logs["d_loss"]], s.disc.parameters(), allowed)
+    # skipped because of its own non-finite values (a skipped generator step is counted there)
+    logs["d_skipped"] = (~stepped).float() if allowed is None else (allowed & ~stepped).float()
     return logs
 
 
@@ -184,7 +171,10 @@ def gumbel_temperature(step: int, cfg: TrainVQGANConfig) -> float:
 
 def train_step(s: Stage1, x, step: int) -> dict:
     """Generator step, then discriminator step, on a batch or a list of micro-batches. Returns
-    0-dim tensors (no host sync here)."""
+    0-dim tensors; nothing here reads a tensor back to the host (after the codebook's k-means
+    initialization, and without fp16). A non-finite step is skipped (logs["skipped"] 1): neither
+    network, nor the codebook, nor the discriminator's BatchNorm statistics change, and the
+    training loop reports it at its next check."""
     micro = as_list(x)
     lr = lr_at(step, s.learning_rate, s.cfg.lr_warmup_steps, s.total_steps, s.cfg.lr_schedule)
     for opt in (s.opt_g, s.opt_d):
@@ -192,16 +182,17 @@ def train_step(s: Stage1, x, step: int) -> dict:
             group["lr"] = lr
     if s.model.config.quantizer == "gumbel":
         s.model.quantize.set_temperature(gumbel_temperature(step, s.cfg))
+    # BatchNorm's running statistics (a few hundred numbers), which both steps' discriminator passes move
+    statistics = list(s.disc.buffers()) if s.disc_active(step) else []
+    before = [b.clone() for b in statistics]
     logs, x_recs, indices = generator_step(s, micro, step)
-    if logs["skipped"]:  # a non-finite batch: the discriminator does not learn from it either
-        warn(f"step {step} skipped (no update): non-finite loss or gradients; "
-             + ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items() if k != "skipped"))
-        return logs
-    logs.update(discriminator_step(s, micro, x_recs, step))
-    if logs.get("d_skipped", 0):
-        warn(f"step {step}: discriminator update skipped, non-finite d_loss={logs['d_loss'].item():.4g}")
-        logs["skipped"] = logs["d_skipped"]
-    logs.update(s.usage.update(torch.cat(indices)))
+    stepped = logs["skipped"] == 0
+    logs.update(discriminator_step(s, micro, x_recs, step, allowed=stepped))  # nor from a non-finite batch
+    if "d_skipped" in logs:
+        logs["skipped"] = torch.maximum(logs["skipped"], logs["d_skipped"])
+    for b, old in zip(statistics, before):
+        b.copy_(torch.where(logs["skipped"] == 0, b, old))
+    logs.update(s.usage.update(torch.cat(indices), stepped))
     return logs
 
 
@@ -228,7 +219,7 @@ def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Option
         # backward needs. The running statistics are used in eval mode only, never in training,
         # so each process keeps its own (rank 0's are saved).
         disc_train = DDP(disc, device_ids=ids, broadcast_buffers=False)
-    fused = device.type == "cuda"  # one kernel per optimizer step instead of one per tensor
+    fused = True  # one kernel per optimizer step, and it takes the skip decision as a tensor (optimizer_step)
     lr, betas = scaled_lr(cfg, dist_info), (cfg.beta1, cfg.beta2)
     fp16 = amp_dtype == torch.float16  # bf16 and fp32 need no loss scaling
     return Stage1(cfg=cfg, model=model, disc=disc, perceptual=perceptual,

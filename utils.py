@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distributed import (DistInfo, all_reduce_max, barrier, cleanup_distributed, is_distributed, is_main_process,
-                         replicas_identical)
+from distributed import (DistInfo, all_finite, all_reduce_max, barrier, cleanup_distributed, is_distributed,
+                         is_main_process, replicas_identical)
 from errors import EnvironmentFault, UserError
 
 
@@ -195,6 +195,43 @@ def lr_at(step: int, base_lr: float, warmup_steps: int = 0, total_steps: Optiona
     return base_lr
 
 
+# ----------------------------------------------------------------------- optimizer step
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, losses: Sequence[torch.Tensor],
+                   params: Iterable[torch.Tensor], allowed: Optional[torch.Tensor] = None,
+                   clip: float = 0.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Step `opt` unless a loss or a gradient is non-finite on any process or `allowed` (a 0-dim
+    bool tensor) is False; a skipped step changes nothing, not even Adam's moments or step counts.
+    With clip > 0 the gradients' norm is clipped to it first. Returns (stepped: a 0-dim bool
+    tensor, the norm before clipping or None).
+
+    Nothing here waits for the device: the decision reaches the fused optimizer as its found_inf
+    tensor. Under fp16 the GradScaler also skips steps whose scaled gradients overflow; that path
+    reads the decision on the host (once per step)."""
+    params = list(params)
+    if scaler.is_enabled():
+        ok = all_finite(losses, params, check_grads=False)
+        ok = ok if allowed is None else ok & allowed
+        if not bool(ok):
+            opt.zero_grad(set_to_none=True)
+            return ok, None
+        norm = None
+        if clip > 0:
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        return torch.tensor(scaler.get_scale() >= scale, device=ok.device), norm  # it shrinks when it skipped
+    if not opt.defaults.get("fused"):
+        raise ValueError("optimizer_step needs a fused optimizer (it passes the skip decision as found_inf)")
+    ok = all_finite(losses, params)
+    ok = ok if allowed is None else ok & allowed
+    norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
+    opt.found_inf = (~ok).float()  # read by the fused kernel: 1 leaves every tensor of the step alone
+    opt.step()
+    return ok, norm
+
+
 # ------------------------------------------------------------------- run folder, meters
 class MeanMeter:
     """Averages 0-dim tensors over a log interval (one host sync per interval) and times it."""
@@ -266,32 +303,64 @@ class StopRequest:
         self._previous = {}
 
 
+def step_ranges(steps: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    parts: list[list[int]] = []
+    for s in steps:
+        if parts and s == parts[-1][1] + 1:
+            parts[-1][1] = s
+        else:
+            parts.append([s, s])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in parts)
+
+
 class TrainingGuard:
-    """What both training loops check after every step: runs of skipped non-finite steps
-    (--max-bad-steps), the share of image files that failed to decode (--max-bad-fraction,
-    from the run's skip log) and SIGINT/SIGTERM (the script's StopRequest). Each stop saves a
-    checkpoint first."""
+    """What both training loops check: runs of skipped non-finite steps (--max-bad-steps), the
+    share of image files that failed to decode (--max-bad-fraction, from the run's skip log) and
+    SIGINT/SIGTERM (the script's StopRequest). Each stop saves a checkpoint first.
+
+    A step's skip flags stay on the device until the next check (every --log-every steps and at
+    the last step), which reads them all at once: the steps themselves never wait for the device.
+    A skipped step changed nothing, so a run of them that is noticed a few steps late has lost
+    nothing either."""
 
     def __init__(self, cfg, run, device: torch.device, skip_log, stop: StopRequest):
         self.cfg, self.run, self.device, self.skip_log = cfg, run, device, skip_log
         self.stop, self.bad_run = stop, 0
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [skipped, discriminator alone skipped])
 
     @property
     def signal(self) -> Optional[str]:
         return self.stop.signal
 
-    def after_step(self, step: int, skipped: bool, checkpoint: Callable[[], dict]) -> None:
-        """Raise a UserError (after saving) when too many steps in a row were skipped or too
-        many files turned out bad."""
+    def after_step(self, step: int, logs: dict, checkpoint: Callable[[], dict], check: bool) -> None:
+        """Note the step's skip flags; when `check`, warn about the skipped steps since the last
+        check and raise a UserError (after saving) when too many in a row were skipped or too many
+        files turned out bad."""
         cfg = self.cfg
-        self.bad_run = self.bad_run + 1 if skipped else 0
-        if self.bad_run >= cfg.max_bad_steps:
+        zero = torch.zeros((), device=logs["skipped"].device)
+        self.pending.append((step, torch.stack([logs["skipped"].float(), logs.get("d_skipped", zero).float()])))
+        if not check:
+            return
+        flags = torch.stack([f for _, f in self.pending]).tolist()  # the one read-back of the interval
+        steps, self.pending = [s for s, _ in self.pending], []
+        skipped = [s for s, (bad, _) in zip(steps, flags) if bad]
+        disc_only = [s for s, (_, d) in zip(steps, flags) if d]
+        if skipped:
+            warn(f"step(s) {step_ranges(skipped)} skipped (no update): non-finite loss or gradients"
+                 + (f" (of the discriminator alone at {step_ranges(disc_only)})" if disc_only else "")
+                 + "; the logged losses show which.")
+        longest = 0
+        for _, (bad, _) in zip(steps, flags):
+            self.bad_run = self.bad_run + 1 if bad else 0
+            longest = max(longest, self.bad_run)
+        if longest >= cfg.max_bad_steps:
             self.run.save(checkpoint(), step)
-            raise UserError(f"training stopped at step {step}: {self.bad_run} steps in a row had non-finite losses or "
+            raise UserError(f"training stopped at step {step}: {longest} steps in a row had non-finite losses or "
                             f"gradients (see the warnings above). {self.run.last} holds the last finite weights. "
                             "Lower --learning-rate, train with --precision fp32 or bf16, or check the data, then "
                             "continue with --resume latest.")
-        if step % cfg.log_every == 0 and self.skip_log.scanned:  # files that failed to decode while training
+        if self.skip_log.scanned:  # files that failed to decode while training
             problem = self.skip_log.too_many(int(all_reduce_max(self.skip_log.count(), self.device)), cfg.max_bad_fraction)
             if problem:
                 self.run.save(checkpoint(), step)
@@ -392,8 +461,8 @@ def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps
             meter.add(logs)
             step += 1
             bar.update(1)
-            guard.after_step(step, bool(logs["skipped"]), lambda: hooks.checkpoint(step))
             last = step == total_steps
+            guard.after_step(step, logs, lambda: hooks.checkpoint(step), check=step % cfg.log_every == 0 or last)
             if step % cfg.log_every == 0 or last:
                 metrics = meter.flush()
                 name, per_step = hooks.rate

@@ -113,11 +113,15 @@ def test_non_finite_loss_skips_the_step(tiny_cfg):
     bad[0, 0, 0, 0] = float("nan")
     model = [p.detach().clone() for p in s.model.parameters()]
     disc = [p.detach().clone() for p in s.disc.parameters()]
+    statistics = [b.clone() for b in s.disc.buffers()]  # BatchNorm's
     logs = training_vqgan.train_step(s, bad, step=0)
     assert logs["skipped"].item() == 1 and not torch.isfinite(logs["loss"])
     assert all(torch.equal(a, b) for a, b in zip(model, s.model.parameters()))  # no update
     assert all(torch.equal(a, b) for a, b in zip(disc, s.disc.parameters()))
-    assert len(s.opt_g.state) == len(s.opt_d.state) == 0  # the optimizers did not even count the step
+    assert statistics and all(torch.equal(a, b) for a, b in zip(statistics, s.disc.buffers()))
+    for opt in (s.opt_g, s.opt_d):  # the optimizers did not even count the step: Adam as never stepped
+        assert all(st["step"] == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+                   for st in opt.state.values())
     logs = training_vqgan.train_step(s, x, step=1)  # a finite batch trains as usual
     assert logs["skipped"].item() == 0 and any(not torch.equal(a, b) for a, b in zip(model, s.model.parameters()))
 
@@ -153,27 +157,34 @@ def test_a_skipped_step_leaves_the_codebook_as_it_was(tiny_cfg, monkeypatch):
     assert logs["skipped"].item() == 1
     for k, v in s.model.quantize.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert "codes_restarted" not in logs  # no restarts reported for a skipped step
+    assert logs.get("codes_restarted", 0) == 0  # no restarts for a skipped step
 
 
-def test_too_many_bad_steps_in_a_row_save_and_stop(images, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_too_many_bad_steps_in_a_row_save_and_stop(images, tmp_path, monkeypatch, capsys, log_every):
+    """The steps keep their skip flags on the device; every --log-every steps the loop reads them:
+    one warning names the skipped steps, and a run of --max-bad-steps stops there, saved."""
     real = training_vqgan.train_step
+    first_bad = {1: 2, 4: 1}[log_every]  # counted from 0: steps 3-5 or 2-4 (from 1) carry a NaN
 
-    def poisoned(s, x, step):  # every batch from step 2 on carries a NaN
-        if step >= 2:
+    def poisoned(s, x, step):
+        if step >= first_bad:
             x = [xi.clone().fill_(float("nan")) for xi in x]
         return real(s, x, step)
 
     monkeypatch.setattr(training_vqgan, "train_step", poisoned)
     out = tmp_path / "run"
     cfg = parse_train_vqgan(["--dataset-path", str(images), "--output-dir", str(out), *TINY_FLAGS,
-                             "--max-steps", "50", "--max-bad-steps", "3", "--log-every", "1"])
-    with pytest.raises(training_vqgan.UserError, match="3 steps in a row had non-finite"):
+                             "--max-steps", "50", "--max-bad-steps", "3", "--log-every", str(log_every)])
+    stop = first_bad + 3
+    with pytest.raises(training_vqgan.UserError, match=f"training stopped at step {stop}: 3 steps in a row had non-finite"):
         training_vqgan.main(cfg)
-    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 5  # 2 good steps, 3 skipped ones, then saved
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["skipped"] for m in lines if "skipped" in m] == [0, 0, 1, 1]  # the fourth line is not logged yet
+    named = {1: f"step(s) {stop} skipped", 4: f"step(s) {first_bad + 1}-{stop} skipped"}[log_every]  # one per check
+    assert f"{named} (no update)" in capsys.readouterr().err
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == stop  # the good steps and 3 skipped, saved
+    if log_every == 1:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [m["skipped"] for m in lines if "skipped" in m] == [0, 0, 1, 1]  # the fifth line is not logged yet
 
 
 # ------------------------------------------------------------------------------------ bad data
@@ -303,3 +314,77 @@ def test_every_script_run_as_a_program_exits_2_on_a_user_error(tmp_path):
         assert code == 2, (script, err[-2000:])
         assert err.startswith("error: ") and "Traceback" not in err, (script, err)
         assert len(err.strip().splitlines()) == 1, (script, err)
+
+
+# ------------------------------------------------------------------- no waiting for the device
+HOST_READS = ("item", "__bool__", "tolist", "cpu", "numpy", "__int__", "__float__", "__index__")
+
+
+# operations whose output size depends on the values: on a GPU they wait for it to know the size
+SIZED_BY_VALUES = ("bincount", "nonzero", "unique", "masked_select")
+
+
+def forbid_host_reads(monkeypatch):
+    """Every way Python reads a tensor back to the host raises (on a GPU each would wait for it),
+    and so do the operations that size their output by the values."""
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor read back to the host inside the training step")
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, read)
+    for name in SIZED_BY_VALUES:
+        monkeypatch.setattr(torch, name, read)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+
+@pytest.mark.parametrize("batch", ["finite", "nan"])
+def test_the_stage1_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch):
+    """The GAN term, the improved codebook (factorized, EMA codes, restarts, k-means done at the
+    first step), the EMA of the weights: a step runs without one host read, and so does the skip
+    of a non-finite batch, which changes nothing."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_cfg, codebook_dim=4, codebook_ema=0.9, codebook_restart_after=1,
+                              codebook_kmeans_init=True)
+    s = make_stage1(cfg, disc_start=0, ema_decay=0.9)
+    training_vqgan.train_step(s, random_batch(0), step=0)  # k-means reads its pool on the host, once
+    assert s.model.quantize.codes_initialized()
+    x = random_batch(1)
+    if batch == "nan":
+        x[0, 0, 0, 0] = float("nan")
+    before = [t.detach().clone() for t in [*s.model.state_dict().values(), *s.disc.state_dict().values(),
+                                           *s.ema.weights]]
+    forbid_host_reads(monkeypatch)
+    logs = training_vqgan.train_step(s, x, step=1)
+    monkeypatch.undo()
+    after = [*s.model.state_dict().values(), *s.disc.state_dict().values(), *s.ema.weights]
+    unchanged = [torch.equal(a, b) for a, b in zip(before, after)]
+    assert logs["skipped"].item() == (batch == "nan")
+    assert all(unchanged) if batch == "nan" else not any(unchanged[:4])  # trained: the first weights moved
+    assert s.ema.updates == (1 if batch == "nan" else 2)
+
+
+@pytest.mark.parametrize("batch", ["finite", "nan"])
+def test_the_stage2_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch):
+    """The GPT's step with gradient clipping and the EMA of the weights, on cached tokens: no host
+    read; a non-finite loss (here: a NaN injected into the GPT's weights' gradients) is skipped."""
+    from config import GPTConfig, TrainTransformerConfig
+    from training_transformer import build_stage2, train_step
+    from transformer import VQGANTransformer, gpt_shape
+    from vqgan import VQGAN
+
+    torch.manual_seed(0)
+    vqgan = VQGAN(tiny_cfg)
+    gpt = GPTConfig(n_layer=1, n_head=2, n_embd=32, **gpt_shape(tiny_cfg, 0))
+    cfg = TrainTransformerConfig(model=gpt, batch_size=2, ema_decay=0.9, grad_clip=1.0)
+    s = build_stage2(cfg, VQGANTransformer(vqgan, gpt), torch.device("cpu"), total_steps=10)
+    tokens = torch.randint(0, tiny_cfg.n_embed, (2, tiny_cfg.latent_size, tiny_cfg.latent_size))
+    if batch == "nan":
+        s.model.gpt.tok_emb.weight.register_hook(lambda g: g * float("nan"))
+    before = [p.detach().clone() for p in [*s.model.gpt.parameters(), *s.ema.weights]]
+    forbid_host_reads(monkeypatch)
+    logs = train_step(s, [tokens], step=0)
+    monkeypatch.undo()
+    unchanged = [torch.equal(a, b) for a, b in zip(before, [*s.model.gpt.parameters(), *s.ema.weights])]
+    assert logs["skipped"].item() == (batch == "nan")
+    assert all(unchanged) if batch == "nan" else not all(unchanged)
+    assert all(st["step"] == (batch != "nan") for st in s.opt.state.values())
