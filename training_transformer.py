@@ -108,7 +108,7 @@ def train_step(s: Stage2, micro: list, step: int) -> dict:
     for i, part in enumerate(micro):
         x, labels = split_batch(part)
         indices = to_tokens(s, x)
-        labels = labels.to(s.device) if s.model.conditional else None
+        labels = labels.to(s.device, non_blocking=True) if s.model.conditional else None
         last = i == len(micro) - 1
         with s.model_train.no_sync() if isinstance(s.model_train, DDP) and not last else contextlib.nullcontext():
             with autocast(s.device, s.amp_dtype):
