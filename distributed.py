@@ -51,14 +51,23 @@ def setup_distributed(device: torch.device) -> tuple[torch.device, DistInfo]:
                             "that many processes per node (--nproc_per_node).")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
+    global _host_group
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Host values (a stop request, a count of bad files) agree over gloo on CPU tensors: over
+        # NCCL each would be copied to the GPU and back, waiting for its queue every step.
+        _host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return device, DistInfo(rank, local, world)
 
 
+_host_group = None  # a gloo group beside an NCCL one (None: the default group is gloo already)
+
+
 def cleanup_distributed() -> None:
+    global _host_group
     if is_distributed():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def barrier() -> None:
@@ -73,12 +82,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    """The largest of the processes' values (the value itself when not distributed)."""
+def all_reduce_max(value: float) -> float:
+    """The largest of the processes' values (the value itself when not distributed): a host value
+    agreed on the host, never waiting for a GPU."""
     if not is_distributed():
         return value
-    t = torch.tensor([float(value)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(value)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
     return t.item()
 
 

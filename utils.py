@@ -293,9 +293,9 @@ class StopRequest:
             except (OSError, ValueError, AttributeError):  # stdout is no file (captured): say nothing here
                 pass
 
-    def requested(self, device: torch.device) -> bool:
-        """Whether a signal came, on this process or any other."""
-        return all_reduce_max(float(self.signal is not None), device) > 0
+    def requested(self) -> bool:
+        """Whether a signal came, on this process or any other (agreed on the host, every step)."""
+        return all_reduce_max(float(self.signal is not None)) > 0
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -361,7 +361,7 @@ class TrainingGuard:
                             "Lower --learning-rate, train with --precision fp32 or bf16, or check the data, then "
                             "continue with --resume latest.")
         if self.skip_log.scanned:  # files that failed to decode while training
-            problem = self.skip_log.too_many(int(all_reduce_max(self.skip_log.count(), self.device)), cfg.max_bad_fraction)
+            problem = self.skip_log.too_many(int(all_reduce_max(self.skip_log.count())), cfg.max_bad_fraction)
             if problem:
                 self.run.save(checkpoint(), step)
                 raise UserError(problem)
@@ -369,7 +369,7 @@ class TrainingGuard:
     def save_or_stop(self, step: int, due: bool, checkpoint: Callable[[], dict]) -> bool:
         """Save when due or when a stop signal came (on any process); True to stop, after
         saying how to resume."""
-        stop = self.stop.requested(self.device)
+        stop = self.stop.requested()
         if due or stop:
             self.run.save(checkpoint(), step)
         if not stop:
@@ -448,7 +448,7 @@ def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps
     that every process ends with the same weights. Returns the last step, the signal that
     stopped the run if one did, and the number of evaluations that failed."""
     main = is_main_process()
-    if stop.requested(device):  # a signal during start-up: nothing trained, nothing to save
+    if stop.requested():  # a signal during start-up: nothing trained, nothing to save
         log(f"stopped by {stop.signal or 'a signal on another process'} before training began (step {step}); "
             "nothing new was trained or saved.")
         return step, stop.signal or "signal", 0
