@@ -266,7 +266,12 @@ def require_entries(ckpt: dict, names, path, what: str) -> None:
 
 
 def load_optimizer(opt: torch.optim.Optimizer, state, what: str) -> None:
-    """Optimizer state whose groups and per-parameter tensors fit this optimizer's parameters."""
+    """Optimizer state whose groups and per-parameter tensors fit this optimizer's parameters. The
+    implementation is this optimizer's own (a checkpoint of one that was not fused, as earlier
+    versions wrote on the CPU, resumes into a fused one: the state is the same)."""
+    if isinstance(state, dict) and isinstance(state.get("param_groups"), list):
+        own = {k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults}
+        state = {**state, "param_groups": [{**g, **own} if isinstance(g, dict) else g for g in state["param_groups"]]}
     try:
         opt.load_state_dict(state)
     except (ValueError, KeyError, TypeError) as e:

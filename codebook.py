@@ -318,7 +318,9 @@ class CodebookMaintenance(nn.Module):
         # A skipped step's outputs may not be finite (their draw is discarded): keep the weights valid.
         error = torch.nan_to_num(error, nan=0.0, posinf=0.0)
         weights = torch.where(error.sum() > 0, error, torch.ones_like(error))  # all on codes: uniform
-        draws = torch.multinomial(weights, min(z_e.shape[0], self.n_embed), replacement=False)
+        # torch.multinomial's draw without replacement (the largest weights / Exp(1) noise), without
+        # its checks of the weights, which read them back to the host
+        draws = torch.topk(weights / torch.empty_like(weights).exponential_(), min(z_e.shape[0], self.n_embed)).indices
         order = (dead.long().cumsum(0) - 1).clamp_min(0) % draws.numel()  # dead code j -> draw j
         return z_e[draws[order]]
 
@@ -399,8 +401,9 @@ def codebook_usage(indices: torch.Tensor, n_embed: int):
 
 class CodebookUsage:
     """Training statistics: usage and perplexity of each step's batch and of the last `window`
-    batches together. Counts are summed over processes when distributed, so every rank reports
-    the global figures. Returns 0-dim tensors; nothing here waits for the device."""
+    batches together (a skipped step's batch counts as empty there: which steps were skipped is
+    not known on the host). Counts are summed over processes when distributed, so every rank
+    reports the global figures. Returns 0-dim tensors; nothing here waits for the device."""
 
     def __init__(self, n_embed: int, window: int = 100):
         self.n_embed, self.window = n_embed, window

@@ -54,9 +54,10 @@ def setup_distributed(device: torch.device) -> tuple[torch.device, DistInfo]:
     global _host_group
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if _host_group is None and dist.get_backend() != "gloo":
         # Host values (a stop request, a count of bad files) agree over gloo on CPU tensors: over
         # NCCL each would be copied to the GPU and back, waiting for its queue every step.
-        _host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+        _host_group = dist.new_group(backend="gloo")
     return device, DistInfo(rank, local, world)
 
 

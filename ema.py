@@ -72,7 +72,9 @@ class EMA:
         d = torch.clamp((1 + n) / (10 + n), max=self.decay)
         weight = 1 - d if stepped is None else (1 - d) * stepped
         params = dict(model.named_parameters())
-        torch._foreach_lerp_(self.weights, [params[name].detach() for name in self.names], weight)
+        # one weight tensor per average (a single tensor would be read back to the host as a Scalar)
+        torch._foreach_lerp_(self.weights, [params[name].detach() for name in self.names],
+                             [weight.expand_as(w) for w in self.weights])
         self._n += 1 if stepped is None else stepped.long()
 
     @contextlib.contextmanager

@@ -222,7 +222,7 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, los
         scaler.step(opt)
         scaler.update()
         return torch.tensor(scaler.get_scale() >= scale, device=ok.device), norm  # it shrinks when it skipped
-    if not opt.defaults.get("fused"):
+    if not all(group.get("fused") for group in opt.param_groups):
         raise ValueError("optimizer_step needs a fused optimizer (it passes the skip decision as found_inf)")
     ok = all_finite(losses, params)
     ok = ok if allowed is None else ok & allowed
@@ -342,16 +342,8 @@ class TrainingGuard:
         self.pending.append((step, torch.stack([logs["skipped"].float(), logs.get("d_skipped", zero).float()])))
         if not check:
             return
-        flags = torch.stack([f for _, f in self.pending]).tolist()  # the one read-back of the interval
-        steps, self.pending = [s for s, _ in self.pending], []
-        skipped = [s for s, (bad, _) in zip(steps, flags) if bad]
-        disc_only = [s for s, (_, d) in zip(steps, flags) if d]
-        if skipped:
-            warn(f"step(s) {step_ranges(skipped)} skipped (no update): non-finite loss or gradients"
-                 + (f" (of the discriminator alone at {step_ranges(disc_only)})" if disc_only else "")
-                 + "; the logged losses show which.")
         longest = 0
-        for _, (bad, _) in zip(steps, flags):
+        for bad in self.report():
             self.bad_run = self.bad_run + 1 if bad else 0
             longest = max(longest, self.bad_run)
         if longest >= cfg.max_bad_steps:
@@ -365,6 +357,21 @@ class TrainingGuard:
             if problem:
                 self.run.save(checkpoint(), step)
                 raise UserError(problem)
+
+    def report(self) -> list[bool]:
+        """Read the skip flags noted since the last check (one read-back), warn naming the skipped
+        steps, and return whether each step was skipped."""
+        if not self.pending:
+            return []
+        flags = torch.stack([f for _, f in self.pending]).tolist()
+        steps, self.pending = [s for s, _ in self.pending], []
+        skipped = [s for s, (bad, _) in zip(steps, flags) if bad]
+        disc_only = [s for s, (_, d) in zip(steps, flags) if d]
+        if skipped:
+            warn(f"step(s) {step_ranges(skipped)} skipped (no update): non-finite loss or gradients"
+                 + (f" (of the discriminator alone at {step_ranges(disc_only)})" if disc_only else "")
+                 + "; the logged losses show which.")
+        return [bool(bad) for bad, _ in flags]
 
     def save_or_stop(self, step: int, due: bool, checkpoint: Callable[[], dict]) -> bool:
         """Save when due or when a stop signal came (on any process); True to stop, after
@@ -478,6 +485,7 @@ def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps
                     failed += not evaluate_guarded(hooks, run, step)
                 barrier()
             if stopping:
+                guard.report()  # the skipped steps since the last check are named all the same
                 break
     finally:
         bar.close()  # however the loop ends, what is printed next starts on a line of its own

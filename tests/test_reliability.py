@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import training_transformer
 import training_vqgan
@@ -318,22 +319,30 @@ def test_every_script_run_as_a_program_exits_2_on_a_user_error(tmp_path):
 
 # ------------------------------------------------------------------- no waiting for the device
 HOST_READS = ("item", "__bool__", "tolist", "cpu", "numpy", "__int__", "__float__", "__index__")
+# operators that read a value back to the host (every Python read ends in _local_scalar_dense), or
+# size their output by the values, or check them there (multinomial): on a GPU each waits for it
+HOST_READING_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "aten::unique",
+                    "aten::_unique", "aten::masked_select", "aten::multinomial")
 
 
-# operations whose output size depends on the values: on a GPU they wait for it to know the size
-SIZED_BY_VALUES = ("bincount", "nonzero", "unique", "masked_select")
+class NoHostReads(TorchDispatchMode):
+    """Every operator that would wait for the device raises, seen at the dispatcher, so also when
+    C++ code calls it (a Scalar argument made from a tensor, an operator's own checks)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.startswith(HOST_READING_OPS):
+            raise AssertionError(f"{func._schema.name} inside the training step: it waits for the device")
+        return func(*args, **(kwargs or {}))
 
 
 def forbid_host_reads(monkeypatch):
-    """Every way Python reads a tensor back to the host raises (on a GPU each would wait for it),
-    and so do the operations that size their output by the values."""
+    """Every way Python reads a tensor back to the host raises; returns the dispatcher-level guard
+    (a context) for the rest."""
     def read(*args, **kwargs):
         raise AssertionError("a tensor read back to the host inside the training step")
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, read)
-    for name in SIZED_BY_VALUES:
-        monkeypatch.setattr(torch, name, read)
-        monkeypatch.setattr(torch.Tensor, name, read)
+    return NoHostReads()
 
 
 @pytest.mark.parametrize("batch", ["finite", "nan"])
@@ -353,8 +362,8 @@ def test_the_stage1_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch)
         x[0, 0, 0, 0] = float("nan")
     before = [t.detach().clone() for t in [*s.model.state_dict().values(), *s.disc.state_dict().values(),
                                            *s.ema.weights]]
-    forbid_host_reads(monkeypatch)
-    logs = training_vqgan.train_step(s, x, step=1)
+    with forbid_host_reads(monkeypatch):
+        logs = training_vqgan.train_step(s, x, step=1)
     monkeypatch.undo()
     after = [*s.model.state_dict().values(), *s.disc.state_dict().values(), *s.ema.weights]
     unchanged = [torch.equal(a, b) for a, b in zip(before, after)]
@@ -381,10 +390,31 @@ def test_the_stage2_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch)
     if batch == "nan":
         s.model.gpt.tok_emb.weight.register_hook(lambda g: g * float("nan"))
     before = [p.detach().clone() for p in [*s.model.gpt.parameters(), *s.ema.weights]]
-    forbid_host_reads(monkeypatch)
-    logs = train_step(s, [tokens], step=0)
+    with forbid_host_reads(monkeypatch):
+        logs = train_step(s, [tokens], step=0)
     monkeypatch.undo()
     unchanged = [torch.equal(a, b) for a, b in zip(before, [*s.model.gpt.parameters(), *s.ema.weights])]
     assert logs["skipped"].item() == (batch == "nan")
     assert all(unchanged) if batch == "nan" else not all(unchanged)
     assert all(st["step"] == (batch != "nan") for st in s.opt.state.values())
+
+
+def test_optimizer_state_saved_by_a_non_fused_optimizer_resumes_into_the_fused_one(tiny_cfg):
+    """Earlier versions trained on the CPU with Adam not fused, and their checkpoints say so; they
+    resume into today's fused optimizers, which then skip a non-finite step as usual."""
+    from checkpoint import load_optimizer
+
+    s = make_stage1(tiny_cfg, disc_start=0)
+    training_vqgan.train_step(s, random_batch(0), step=0)
+    saved = {name: getattr(s, name).state_dict() for name in ("opt_g", "opt_d")}
+    for state in saved.values():
+        for group in state["param_groups"]:
+            group.update(fused=None, foreach=None)  # as torch.optim.Adam(...) without fused=True writes
+    resumed = make_stage1(tiny_cfg, disc_start=0)
+    for name, state in saved.items():
+        load_optimizer(getattr(resumed, name), state, "the checkpoint")
+    bad = random_batch(1)
+    bad[0, 0, 0, 0] = float("nan")
+    assert training_vqgan.train_step(resumed, bad, step=1)["skipped"].item() == 1
+    assert training_vqgan.train_step(resumed, random_batch(2), step=2)["skipped"].item() == 0
+    assert all(st["step"] == 2 for st in resumed.opt_g.state.values())
