@@ -22,8 +22,9 @@ and three that change the codes outside the gradient. Their buffers and counters
 CodebookMaintenance, applied by quantizer.update(stats, stepped) after each optimizer step with the
 statistics the forward pass returned and whether the step was taken (a skipped step changes
 nothing, and counts and decays count optimizer steps taken; the decision stays on the device, so
-no host synchronization is needed once the codes are initialized); under torchrun the statistics are summed over processes and
-random choices broadcast from rank 0, so every process keeps the same codebook:
+no host synchronization is needed once the codes are initialized); under torchrun the statistics
+are summed over processes and random choices broadcast from rank 0, so every process keeps the
+same codebook:
   ema_decay       (--codebook-ema DECAY) codes are exponential moving averages of the vectors
                                          assigned to them, not trained by gradients (van den Oord
                                          et al. 2017, Appendix A.1; Razavi et al. 2019, VQ-VAE-2)

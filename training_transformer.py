@@ -35,7 +35,8 @@ from transformer import VQGANTransformer, gpt_shape
 from runconfig import parse_train_transformer
 from runfolder import RunFolder, start_run
 from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, interactive, log,
-                   lr_at, optimizer_step, resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
+                   lr_at, optimizer_step, resolve_precision, run_cli, run_length, scaled_lr, seed_everything,
+                   train_loop, warn)
 from vqgan import VQGAN, vqgan_from_stage2
 
 DEMO_VQGAN_CHECKPOINT = os.path.join("runs", "vqgan", "checkpoints", "last.pt")

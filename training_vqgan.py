@@ -39,8 +39,8 @@ from metrics import psnr
 from official import checkpoint_kind, sub_state
 from runconfig import parse_train_vqgan
 from runfolder import RunFolder, start_run
-from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, log, lr_at, optimizer_step,
-                   resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
+from utils import (Hooks, MeanMeter, autocast, check_global_batch, describe_batch, global_batch, log, lr_at,
+                   optimizer_step, resolve_precision, run_cli, run_length, scaled_lr, seed_everything, train_loop, warn)
 from vqgan import VQGAN
 
 
