@@ -190,8 +190,9 @@ def train_step(s: Stage1, x, step: int) -> dict:
     logs.update(discriminator_step(s, micro, x_recs, step, allowed=stepped))  # nor from a non-finite batch
     if "d_skipped" in logs:
         logs["skipped"] = torch.maximum(logs["skipped"], logs["d_skipped"])
+    taken = logs["skipped"] == 0
     for b, old in zip(statistics, before):
-        b.copy_(torch.where(logs["skipped"] == 0, b, old))
+        b.copy_(torch.where(taken, b, old))
     logs.update(s.usage.update(torch.cat(indices), stepped))
     return logs
 

@@ -327,7 +327,8 @@ class TrainingGuard:
     def __init__(self, cfg, run, device: torch.device, skip_log, stop: StopRequest):
         self.cfg, self.run, self.device, self.skip_log = cfg, run, device, skip_log
         self.stop, self.bad_run = stop, 0
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [skipped, discriminator alone skipped])
+        # (step, skipped, skipped by the discriminator alone or None): 0-dim tensors from the step's logs
+        self.pending: list[tuple[int, torch.Tensor, Optional[torch.Tensor]]] = []
 
     @property
     def signal(self) -> Optional[str]:
@@ -338,8 +339,7 @@ class TrainingGuard:
         check and raise a UserError (after saving) when too many in a row were skipped or too many
         files turned out bad."""
         cfg = self.cfg
-        zero = torch.zeros((), device=logs["skipped"].device)
-        self.pending.append((step, torch.stack([logs["skipped"].float(), logs.get("d_skipped", zero).float()])))
+        self.pending.append((step, logs["skipped"], logs.get("d_skipped")))
         if not check:
             return
         longest = 0
@@ -363,15 +363,17 @@ class TrainingGuard:
         steps, and return whether each step was skipped."""
         if not self.pending:
             return []
-        flags = torch.stack([f for _, f in self.pending]).tolist()
-        steps, self.pending = [s for s, _ in self.pending], []
-        skipped = [s for s, (bad, _) in zip(steps, flags) if bad]
-        disc_only = [s for s, (_, d) in zip(steps, flags) if d]
+        pending, self.pending = self.pending, []
+        flags = torch.stack([bad for _, bad, _ in pending]).tolist()
+        disc = [(s, d) for s, _, d in pending if d is not None]
+        disc_flags = torch.stack([d for _, d in disc]).tolist() if disc else []
+        skipped = [s for (s, _, _), bad in zip(pending, flags) if bad]
+        disc_only = [s for (s, _), bad in zip(disc, disc_flags) if bad]
         if skipped:
             warn(f"step(s) {step_ranges(skipped)} skipped (no update): non-finite loss or gradients"
                  + (f" (of the discriminator alone at {step_ranges(disc_only)})" if disc_only else "")
                  + "; the logged losses show which.")
-        return [bool(bad) for bad, _ in flags]
+        return [bool(bad) for bad in flags]
 
     def save_or_stop(self, step: int, due: bool, checkpoint: Callable[[], dict]) -> bool:
         """Save when due or when a stop signal came (on any process); True to stop, after
