@@ -58,9 +58,15 @@ class EMA:
     def buffers(self):
         return iter(())
 
+    def _decay(self) -> torch.Tensor:
+        """The d of the next update (the warm-up, then the configured decay), on the device in the
+        averages' dtype."""
+        n = self._n.to(self.weights[0].dtype if self.weights else torch.float32)
+        return torch.clamp((1 + n) / (10 + n), max=self.decay)
+
     def current_decay(self) -> float:
-        """The d of the next update (the warm-up, then the configured decay)."""
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        """The d of the next update, read back."""
+        return float(self._decay())
 
     @torch.no_grad()
     def update(self, model: nn.Module, stepped: Optional[torch.Tensor] = None) -> None:
@@ -68,8 +74,7 @@ class EMA:
         where `stepped` (a 0-dim bool tensor; None: True) says that step was skipped."""
         if not self.weights:
             return
-        n = self._n.to(self.weights[0].dtype)
-        d = torch.clamp((1 + n) / (10 + n), max=self.decay)
+        d = self._decay()
         weight = 1 - d if stepped is None else (1 - d) * stepped
         params = dict(model.named_parameters())
         # one weight tensor per average (a single tensor would be read back to the host as a Scalar)

@@ -26,6 +26,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from codebook import code_counts
 from config import check_finite, require
 from data import EpochSampler, ImageDataset, build_transform, demo_images, demo_validation, make_loader
 from errors import UserError
@@ -124,7 +125,7 @@ def evaluate(model: VQGAN, loader, device: torch.device, amp_dtype, perceptual=N
             z_q, indices, _ = model.encode(x)
             x_rec = model.decode(z_q)
         x_rec = x_rec.float().clamp(-1, 1)
-        counts += torch.bincount(indices.flatten(), minlength=n_embed).float()
+        counts += code_counts(indices, n_embed)
         values["psnr"].append(psnr(x, x_rec).cpu())
         values["ssim"].append(ssim(x, x_rec).cpu())
         if perceptual is not None:
