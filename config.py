@@ -157,7 +157,7 @@ class RunConfig:
     val_batches: int = option(50, "validation batches evaluated at each sample step (0: the whole validation split)")
     num_workers: Optional[int] = option(None, "data-loading worker processes (default: from the CPUs: one per CPU of this process but one, at least 2, at most 8)")
     seed: int = option(0, "random seed of weights, data order and augmentation")
-    log_every: int = option(50, "steps between metrics.jsonl lines")
+    log_every: int = option(50, "steps between metrics.jsonl lines (and the checks for skipped non-finite steps)")
     sample_every: int = option(1000, "steps between sample grids and validation")
     save_every: int = option(1000, "steps between checkpoints")
     keep_checkpoints: int = option(3, "numbered snapshots kept besides last.pt")
@@ -171,7 +171,7 @@ class RunConfig:
     ema_decay: float = option(0.0, "keep an exponential moving average of the trained weights with this decay, e.g. 0.999 (0: off); validation, sample grids, evaluation, export and sampling then use it")
     raw_weights: bool = option(False, "with --ema-decay: validation and sample grids use the trained weights, not their average")
     init_from: Optional[str] = option(None, "fine-tune: start a new run (step 0, fresh optimizers) from these weights, architecture included; see the README")
-    max_bad_steps: int = option(20, "stop (after saving) when this many steps in a row had non-finite losses or gradients; each is skipped")
+    max_bad_steps: int = option(20, "stop (after saving, at the next --log-every step) when this many steps in a row had non-finite losses or gradients; each is skipped")
     # Not a flag: what each resume changed ({"step": N, "changed": {field: [before, after]}}), kept in config.json.
     history: list = field(default_factory=list, metadata=dict(derived=True))
 
