@@ -18,7 +18,7 @@ cells = [
 This notebook uses the two demo runs (`python training_vqgan.py`, then `python training_transformer.py`)
 to show the public API: encode images to code indices, decode them back, and sample new token grids
 with the stage-2 transformer. The outputs stored here come from those tiny CPU demo models
-(64x64 images, 8x8 tokens, 1024 codes), so expect blurry pictures; the calls are the same for
+(64x64 images, 16x16 tokens, 1024 codes), so expect blurry pictures; the calls are the same for
 full-size models and for the official taming-transformers checkpoints."""),
     ("code", """import os, sys
 if os.path.basename(os.getcwd()) == "notebooks":  # run from the repository root
@@ -54,14 +54,15 @@ show(x, x_rec)                                      # inputs above reconstructio
     ("markdown", "## Stage 2: sample new token grids"),
     ("code", """gpt = VQGANTransformer.from_checkpoint("runs/transformer/checkpoints/last.pt")
 g = torch.Generator().manual_seed(0)
-samples = gpt.sample(8, temperature=1.0, top_k=100, generator=g)   # (8, 8, 8) code indices
+samples = gpt.sample(8, temperature=1.0, top_k=100, generator=g)   # (8, h, w) code indices
 print(tuple(samples.shape), samples.min().item(), samples.max().item())
 show(gpt.indices_to_images(samples))"""),
     ("code", """# complete the bottom half of each held-out crop from its top half
-completed = gpt.sample(8, prefix=indices[:, :4], top_k=100, generator=g)
+h, w = gpt.latent_shape
+completed = gpt.sample(8, prefix=indices[:, : h // 2], top_k=100, generator=g)
 show(x, gpt.indices_to_images(indices), gpt.indices_to_images(completed))"""),
-    ("code", """# a grid larger than the 8x8 training grid, with the sliding attention window
-wide = gpt.sample(2, grid=(8, 24), top_k=100, generator=g)
+    ("code", """# a grid three times as wide as the training grid, with the sliding attention window
+wide = gpt.sample(2, grid=(h, 3 * w), top_k=100, generator=g)
 show(gpt.indices_to_images(wide))"""),
 ]
 

@@ -19,10 +19,10 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 
 @pytest.fixture
 def demo_runs(tmp_path):
-    """runs/vqgan and runs/transformer checkpoints of the demo's shapes (64x64 images, 8x8
+    """runs/vqgan and runs/transformer checkpoints of the demo's shapes (64x64 images, 16x16
     tokens), with tiny random weights."""
     torch.manual_seed(0)
-    vq_cfg = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 2), num_res_blocks=1, attn_resolutions=(), resolution=64,
+    vq_cfg = VQGANConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(), resolution=64,
                          z_channels=8, embed_dim=8, n_embed=32)
     vqgan = VQGAN(vq_cfg)
     model = VQGANTransformer(vqgan, GPTConfig(n_layer=1, n_head=2, n_embd=32, **gpt_shape(vq_cfg, 0)))
@@ -69,13 +69,13 @@ def test_notebook_cells_run_against_demo_shaped_checkpoints(demo_runs, monkeypat
         if isinstance(value, Image.Image):
             shown.append(value.size)
     printed = capsys.readouterr().out
-    assert "z_q (8, 8, 8, 8) indices (8, 8, 8)" in printed and "(8, 8, 8)" in printed
-    # inputs above reconstructions; samples; inputs, reconstructions, completions; the 8x24 grid
+    assert "z_q (8, 8, 16, 16) indices (8, 16, 16)" in printed and "(8, 16, 16)" in printed
+    # inputs above reconstructions; samples; inputs, reconstructions, completions; the 16x48 grid
     assert shown == [(8 * 66 + 2, 2 * 66 + 2), (8 * 66 + 2, 66 + 2), (8 * 66 + 2, 3 * 66 + 2), (2 * 194 + 2, 66 + 2)]
     # "the same as model.decode(z_q)", as the cell says: equal in exact arithmetic, so checked in float64
     model, x = namespace["model"].double(), namespace["x"].double()
     with torch.no_grad():
         z_q, indices, _ = model.encode(x)
         torch.testing.assert_close(model.decode_indices(indices), model.decode(z_q), rtol=1e-10, atol=1e-10)
-    assert torch.equal(namespace["completed"][:, :4], namespace["indices"][:, :4])  # the prefix is kept
-    assert namespace["wide"].shape == (2, 8, 24)
+    assert torch.equal(namespace["completed"][:, :8], namespace["indices"][:, :8])  # the prefix is kept
+    assert namespace["wide"].shape == (2, 16, 48)
