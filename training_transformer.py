@@ -328,7 +328,7 @@ def main(cfg: TrainTransformerConfig) -> dict:
                       rate=("tokens_per_s", per_step), shown=("loss",),
                       replicas=[(model.gpt, True)] + ([(s.ema, False)] if s.ema else []))
         batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
-        step, stopped_by, failed = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log, stop)
+        step, stopped_by, failed = train_loop(cfg, run, hooks, batches, step, total_steps, skip_log, stop)
         log(f"checkpoint: {run.last}; samples (rows: inputs, reconstructions, half completions, samples): "
             f"{run.sample_dir}")
         return {"step": step, "stopped_by": stopped_by, "failed_evaluations": failed}

@@ -442,7 +442,7 @@ def main(cfg: TrainVQGANConfig) -> dict:
                       # BatchNorm statistics are per process
                       replicas=[(s.model, True), (s.disc, False)] + ([(s.ema, False)] if s.ema else []))
         batches = training_batches(train_ds, cfg, dist_info, device, step, total_steps)
-        step, stopped_by, failed = train_loop(cfg, run, hooks, batches, step, total_steps, device, skip_log, stop)
+        step, stopped_by, failed = train_loop(cfg, run, hooks, batches, step, total_steps, skip_log, stop)
         measured = psnr_after[0] is not None and math.isfinite(psnr_after[0])
         if measured and stopped_by is None and step == total_steps:  # measured at the last step
             log(f"validation PSNR after {step} steps: {psnr_after[0]:.2f} dB (before: {psnr_before:.2f} dB)")

@@ -324,8 +324,8 @@ class TrainingGuard:
     A skipped step changed nothing, so a run of them that is noticed a few steps late has lost
     nothing either."""
 
-    def __init__(self, cfg, run, device: torch.device, skip_log, stop: StopRequest):
-        self.cfg, self.run, self.device, self.skip_log = cfg, run, device, skip_log
+    def __init__(self, cfg, run, skip_log, stop: StopRequest):
+        self.cfg, self.run, self.skip_log = cfg, run, skip_log
         self.stop, self.bad_run = stop, 0
         # (step, skipped, skipped by the discriminator alone or None): 0-dim tensors from the step's logs
         self.pending: list[tuple[int, torch.Tensor, Optional[torch.Tensor]]] = []
@@ -449,7 +449,7 @@ def progress_line(step: int, total_steps: int, metrics: dict, shown: Sequence[st
 
 
 def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps: int,
-               device: torch.device, skip_log, stop: StopRequest) -> tuple[int, Optional[str], int]:
+               skip_log, stop: StopRequest) -> tuple[int, Optional[str], int]:
     """Optimizer steps from `step` to `total_steps` over `batches` ((epoch, micro-batches) per
     step): metrics every --log-every steps, a checkpoint every --save-every and at the end, then
     evaluation every --sample-every (guarded: its failure costs no trained step), and the
@@ -462,7 +462,7 @@ def train_loop(cfg, run, hooks: Hooks, batches: Iterable, step: int, total_steps
             "nothing new was trained or saved.")
         return step, stop.signal or "signal", 0
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not (main and interactive()))
-    meter, guard, failed = MeanMeter(), TrainingGuard(cfg, run, device, skip_log, stop), 0
+    meter, guard, failed = MeanMeter(), TrainingGuard(cfg, run, skip_log, stop), 0
     start_step, start_time = step, time.perf_counter()
     try:
         for epoch, micro in batches:
