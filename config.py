@@ -210,7 +210,7 @@ class TrainVQGANConfig(RunConfig):
     codebook_weight: float = option(1.0, "weight of the codebook loss")
     vgg_weights: Optional[str] = option(None, "VGG16 weights for LPIPS: torchvision's vgg16 file, or a taming-transformers VQGAN .ckpt (VGG16 and linear layers); default: torchvision's ImageNet weights, downloaded once")
     flip: bool = option(True, "random horizontal flips of training images")
-    color_augment: bool = option(False, "random colour jitter, greyscale and scale of training crops (the demo's: eight photographs are otherwise learnt colour by colour)")
+    color_augment: bool = option(False, "random colour jitter, greyscale and scale of training crops, for small sets whose colours could otherwise be learnt by heart (the demo does without it: README \"Demo results\")")
     usage_window: int = option(100, "recent batches over which codebook usage and perplexity are also reported")
     sync_batchnorm: bool = option(False, "under torchrun on CUDA, the discriminator's BatchNorm uses statistics of the global batch")
     gumbel_temperature_start: float = option(0.9, "--quantizer gumbel: the Gumbel-softmax temperature at step 0 (the reference's schedule)")
