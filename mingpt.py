@@ -18,13 +18,16 @@ from config import GPTConfig
 
 
 class KVCache:
-    """Keys and values of every layer for a whole sequence, allocated once:
-    (n_layer, B, n_head, block_size, head_dim). Generating N tokens is N single-token steps."""
+    """Keys and values of every layer for a whole sequence, allocated once: per layer one tensor
+    (B, n_head, block_size, head_dim) of each. Generating N tokens is N single-token steps.
+    Separate tensors per layer, not one: a compiled step then updates each in place (a view of
+    one shared tensor would be copied whole by torch.compile's functionalization)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.dtype = dtype
 
 
 class CausalSelfAttention(nn.Module):
@@ -51,17 +54,19 @@ class CausalSelfAttention(nn.Module):
         q, k, v = F.linear(x, weight, bias).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def decode(self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, mask: torch.Tensor, qkv):
+    def decode(self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, mask: torch.Tensor,
+               qkv: tuple, proj: tuple):
         """One token per sequence at position `pos` (a 0-dim tensor): its key and value go into
         the cache at that position, and it attends over the whole cache with `mask` hiding the
-        positions after it. Every shape is fixed, whatever the position."""
+        positions after it. Every shape is fixed, whatever the position. qkv, proj: (weight,
+        bias) of the fused q/k/v and of the output projection, as GPT.decode_weights made them."""
         b, _, c = x.shape
         q, k, v = self.project(x, qkv)
         index = pos.view(1)
         cache.k[layer].index_copy_(2, index, k)
         cache.v[layer].index_copy_(2, index, v)
         y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(b, 1, c))
+        return F.linear(y.transpose(1, 2).reshape(b, 1, c), *proj)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0, start: int = 0):
         b, t, c = x.shape
@@ -70,9 +75,9 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            cache.k[layer, :, :, start:start + t] = k
-            cache.v[layer, :, :, start:start + t] = v
-            k, v = cache.k[layer, :, :, :start + t], cache.v[layer, :, :, :start + t]
+            cache.k[layer][:, :, start:start + t] = k
+            cache.v[layer][:, :, start:start + t] = v
+            k, v = cache.k[layer][:, :, :start + t], cache.v[layer][:, :, :start + t]
             mask = None
             if t > 1:  # query i (absolute start + i) may see keys 0 .. start + i
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
@@ -98,9 +103,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x), cache, layer, start)
         return x + self.mlp(self.ln2(x))
 
-    def decode(self, x, cache, layer, pos, mask, qkv):
-        x = x + self.attn.decode(self.ln1(x), cache, layer, pos, mask, qkv)
-        return x + self.mlp(self.ln2(x))
+    def decode(self, x, cache, layer, pos, mask, weights):
+        """forward() of one token with a cache (attn.decode) and the matmul weights of
+        GPT.decode_weights: the MLP is mlp[0], GELU, mlp[2] (its dropout is off in eval mode)."""
+        qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b = weights
+        x = x + self.attn.decode(self.ln1(x), cache, layer, pos, mask, (qkv_w, qkv_b), (proj_w, proj_b))
+        return x + F.linear(F.gelu(F.linear(self.ln2(x), fc_w, fc_b)), out_w, out_b)
 
 
 class GPT(nn.Module):
@@ -144,21 +152,33 @@ class GPT(nn.Module):
             x = block(x, cache, i, start)
         return self.head(self.ln_f(x))
 
-    def fused_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's fused q/k/v weight and bias, made once for a whole sampling loop."""
-        return [block.attn.fused_qkv() for block in self.blocks]
+    @torch.no_grad()
+    def decode_weights(self, dtype: torch.dtype) -> list:
+        """Every matmul weight of the token step, in `dtype` (autocast's when it is on), made once
+        for a whole sampling loop: per layer the fused q/k/v, the attention's output projection
+        and the MLP's two layers (weight, bias each), then the head's weight. Autocast would cast
+        the float32 weights anew at every step (reading all of them, writing a bf16 copy); casting
+        them once gives the same numbers. In the model's own dtype nothing is copied."""
+        def cast(*tensors):
+            return tuple(t.to(dtype) for t in tensors)
+        layers = []
+        for block in self.blocks:
+            attn, fc, out = block.attn, block.mlp[0], block.mlp[2]
+            layers.append(cast(*attn.fused_qkv(), attn.proj.weight, attn.proj.bias, fc.weight, fc.bias, out.weight,
+                               out.bias))
+        return layers + [self.head.weight.to(dtype)]
 
-    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, qkv: list) -> torch.Tensor:
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, weights: list) -> torch.Tensor:
         """idx (B, 1): one token per sequence at position `pos`, a 0-dim long tensor on the
         model's device -> logits (B, vocab_size) for the next position. Keys and values of the
         positions before come from the cache; this token's are added to it. Fixed shapes and no
         host synchronisation, so one captured graph serves every position (transformer.TokenLoop).
-        qkv: fused_qkv(). `pos` must be below block_size (not checked: that would synchronize)."""
+        weights: decode_weights(). `pos` must be below block_size (not checked: that would synchronize)."""
         mask = torch.arange(self.config.block_size, device=idx.device).le(pos).view(1, 1, 1, -1)
         x = self.tok_emb(idx) + self.pos_emb[0].index_select(0, pos.view(1))  # (B, 1, C)
         for i, block in enumerate(self.blocks):
-            x = block.decode(x, cache, i, pos, mask, qkv[i])
-        return self.head(self.ln_f(x))[:, -1]
+            x = block.decode(x, cache, i, pos, mask, weights[i])
+        return F.linear(self.ln_f(x), weights[-1])[:, -1]
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on Linear weights only; biases, LayerNorms, embeddings and the position

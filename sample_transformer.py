@@ -51,6 +51,7 @@ class SampleConfig:
     png: bool = option(True, "write sample_NNNN.png files and grid.png into --out (--no-png: only the --npz file)")
     raw_weights: bool = option(False, "sample with the trained weights, not their EMA (when the checkpoint has one)")
     cache: bool = option(True, "sample with the key/value cache (--no-cache: full forwards, slower; for checks)")
+    compile: bool = option(False, "compile the cached token step (torch.compile: fewer, fused kernels); pays for many samples, the first batch waits for the compilation")
     seed: int = option(0, "random seed")
     device: str = option("auto", "torch device; auto = cuda when available, else cpu")
     out: str = option("samples", "output folder")
@@ -67,6 +68,9 @@ class SampleConfig:
         check_sampling_args(self.temperature, self.top_k, self.top_p, error=UserError)
         if self.grid is not None and min(self.grid) < 1:
             raise UserError(f"--grid {' '.join(map(str, self.grid))} must be two positive sizes.")
+        if self.compile and (not self.cache or self.grid is not None):
+            raise UserError("--compile compiles the cached token step, which --no-cache and --grid do not use: drop "
+                            "--compile or the other flag.")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> SampleConfig:
@@ -178,7 +182,7 @@ def sample_all(args: SampleConfig, device: torch.device, rank: int, world: int) 
         cond = None if batch[0] is None else batch
         indices = model.sample(len(batch), cond, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                cfg_scale=args.cfg_scale, use_cache=args.cache, generator=generator,
-                               grid=args.grid)
+                               grid=args.grid, compile=args.compile)
         images.append(to_uint8(model.indices_to_images(indices)))
     c = model.vqgan.config.out_channels
     side = (args.grid[0] * model.vqgan.config.downsample_factor, args.grid[1] * model.vqgan.config.downsample_factor) \

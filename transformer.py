@@ -128,19 +128,28 @@ class TokenLoop:
         self.cache = gpt.new_cache(codes.shape[0])
         self.logits = gpt(torch.cat([first, codes[:, :p]], 1), cache=self.cache, start=0)[:, -1].clone()
         self.t = torch.tensor(p, device=codes.device)  # the position in `codes` of the next code
-        dtype = self.cache.k.dtype  # under autocast: cast once here, not at every step
-        self.qkv = [(w.to(dtype), b.to(dtype)) for w, b in gpt.fused_qkv()]
+        self.weights = gpt.decode_weights(self.cache.dtype)  # under autocast: cast once here, not at every step
 
     def step(self) -> None:
         nxt = self.model._pick(self.logits, self.noise, **self.pick)
         self.codes.index_copy_(1, self.t.view(1), nxt.view(-1, 1))
-        self.logits.copy_(self.model.gpt.decode_step(nxt.view(-1, 1), self.t + 1, self.cache, self.qkv))
+        self.logits.copy_(self.model.gpt.decode_step(nxt.view(-1, 1), self.t + 1, self.cache, self.weights))
         self.t.add_(1)
 
     @torch.no_grad()
-    def run(self, n: int, draw, cuda_graph: bool = False) -> torch.Tensor:
-        """Codes p .. n-1 into `codes`; `draw()` refills the noise before each pick."""
-        step = captured(self.step, [self.logits, self.t]) if cuda_graph and self.p < n - 1 else self.step
+    def run(self, n: int, draw, cuda_graph: bool = False, compile: bool = False) -> torch.Tensor:
+        """Codes p .. n-1 into `codes`; `draw()` refills the noise before each pick. compile: the
+        step compiled (compiled_step), captured too with cuda_graph."""
+        step = self.step
+        if compile:
+            fn = compiled_step()
+            step = lambda: fn(self)  # noqa: E731
+        if cuda_graph and self.p < n - 1:
+            state = [self.logits, self.t]
+            graphed = captured(step, state, "the compiled step" if compile else "the step")
+            if graphed is None and compile:  # then the eager step, captured
+                graphed = captured(self.step, state, "the step")
+            step = graphed or self.step
         for _ in range(self.p, n - 1):
             draw()
             step()
@@ -149,11 +158,27 @@ class TokenLoop:
         return self.codes
 
 
-def captured(step, state: list):
+# torch.compile's options for the token step (sample(compile=True)); tests use backend "aot_eager"
+STEP_COMPILE_OPTIONS: dict = dict(backend="inductor", fullgraph=True, dynamic=False)
+_compiled_step = None
+
+
+def compiled_step():
+    """TokenLoop.step compiled, one function per process: every sampling call reuses its code
+    (a new torch.compile per call would compile anew). It recompiles only for what its guards
+    see change: another batch size, sampling option or dtype."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(TokenLoop.step, **STEP_COMPILE_OPTIONS)
+    return _compiled_step
+
+
+def captured(step, state: list, what: str = "the step"):
     """`step` captured as a CUDA graph; returns its replay. Capture needs a warm-up run first (on
     a side stream); the tensors the step advances (`state`) are put back after it, and what else
-    it wrote (a code and a cache position) the first real step overwrites. Should capture fail,
-    the step runs eagerly, with a warning."""
+    it wrote (a code and a cache position) the first real step overwrites. Should the warm-up
+    (where a compiled step compiles) or the capture fail, the state is put back, a warning
+    names `what` failed, and it returns None."""
     saved = [t.clone() for t in state]
     try:
         side = torch.cuda.Stream()
@@ -167,11 +192,11 @@ def captured(step, state: list):
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads (data loaders) may run
             step()
         return graph.replay
-    except RuntimeError as e:  # noqa: BLE001 - a driver or PyTorch that cannot capture: sample without
+    except RuntimeError as e:  # noqa: BLE001 - a driver or PyTorch that cannot capture or compile: sample without
         for t, value in zip(state, saved):
             t.copy_(value)
-        warnings.warn(f"sampling without a CUDA graph (capture failed: {str(e).splitlines()[0]})")
-        return step
+        warnings.warn(f"sampling without a CUDA graph of {what} (it failed: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        return None
 
 
 class VQGANTransformer(PretrainedMixin, nn.Module):
@@ -269,12 +294,15 @@ class VQGANTransformer(PretrainedMixin, nn.Module):
     def sample(self, num_samples: int, class_labels=None, temperature: float = 1.0, top_k: Optional[int] = None,
                top_p: Optional[float] = None, cfg_scale: float = 1.0, use_cache: bool = True,
                generator: Optional[torch.Generator] = None, prefix: Optional[torch.Tensor] = None,
-               grid: Optional[Sequence[int]] = None, cuda_graph: Optional[bool] = None) -> torch.Tensor:
+               grid: Optional[Sequence[int]] = None, cuda_graph: Optional[bool] = None,
+               compile: bool = False) -> torch.Tensor:
         """Sample code indices (B, h, w). `prefix` (B, P) or (B, rows, w): codes to complete
         (e.g. the top half of an image). `grid=(H, W)` samples a grid of any size at least the
         training grid with the paper's sliding attention window (no cache). With the cache, each
         token is one fixed-shape step (TokenLoop), captured once as a CUDA graph and replayed on
-        CUDA (`cuda_graph=False` runs it eagerly there too)."""
+        CUDA (`cuda_graph=False` runs it eagerly there too). `compile=True` also compiles that
+        step (torch.compile, fewer and fused kernels): the first call of a process pays the
+        compilation, later calls reuse it."""
         check_sampling_args(temperature, top_k, top_p)
         device = self.gpt.head.weight.device
         if cuda_graph and device.type != "cuda":
@@ -308,7 +336,7 @@ class VQGANTransformer(PretrainedMixin, nn.Module):
             codes[:, :p] = prefix.repeat(2, 1) if guided else prefix
         if use_cache:
             loop = TokenLoop(self, first, codes, p, noise, pick)
-            loop.run(n, draw, cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph)
+            loop.run(n, draw, cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile)
         else:
             for t in range(p, n):
                 logits = self.gpt(torch.cat([first, codes[:, :t]], 1))[:, -1]

@@ -124,6 +124,19 @@ def test_sample_on_cuda_adds_the_captured_loop_only_there():
     assert "captured_s" not in result and result["cached_s"] > 0
 
 
+def test_sample_compile_adds_the_compiled_token_step(monkeypatch):
+    """--compile times sampling with the token step compiled (captured too on CUDA) next to the
+    others; "aot_eager" keeps the test fast (the same graph, no code generation)."""
+    import transformer
+
+    monkeypatch.setattr(transformer, "STEP_COMPILE_OPTIONS", dict(backend="aot_eager", fullgraph=True, dynamic=False))
+    monkeypatch.setattr(transformer, "_compiled_step", None)
+    result = main(parse_args(["sample", *TINY_VQGAN, "--gpt-preset", "tiny", "--n-layer", "1", "--batch-size", "2",
+                              "--top-k", "5", "--steps", "1", "--warmup", "1", "--ch-mult", "1", "2", "2", "--compile"]))
+    assert result["compiled_s"] > 0 and result["cached_s"] > 0 and "captured_s" not in result
+    assert result["compiled_images_per_s"] == pytest.approx(2 / result["compiled_s"], rel=1e-12)
+
+
 @pytest.mark.slow
 def test_the_suite_writes_one_line_per_row_and_survives_a_failing_row(tmp_path, monkeypatch):
     """The suite on a tiny CPU configuration: each chosen row one JSON line, written as it is
@@ -145,5 +158,8 @@ def test_the_suite_writes_one_line_per_row_and_survives_a_failing_row(tmp_path, 
             main(parse_args(["suite", "--out", str(out), flag, *(["x.json"] if flag == "--json" else [])]))
     assert stage1["batch_size"] == 2 and stage1["images_per_s"] > 0
     assert stage1["profile"]["top"] and stage1["profile"]["gpu_idle_share"] is None  # CPU: operators, no GPU
+    profile = stage1["profile"]
+    assert profile["launches_per_call"] >= len(profile["top"]) and profile["busy_ms_per_call"] >= sum(
+        t["ms_per_call"] for t in profile["top"]) > 0
     assert gpt["error"] == "RuntimeError: out of memory (injected)"
     assert trainer["steps"] == 3 and trainer["images_per_s"] > 0 and trainer["compile"] is False

@@ -37,6 +37,7 @@ def files_of(folder):
     ("sample_transformer", ["--cfg-scale", "nan"], "--cfg-scale nan is not a number"),
     ("sample_transformer", ["--top-p", "nan"], "--top-p nan is not a number"),
     ("sample_transformer", ["--grid", "0", "4"], "must be two positive sizes"),
+    ("sample_transformer", ["--compile", "--no-cache"], "which --no-cache and --grid do not use"),
     ("evaluate_vqgan", ["--batch-size", "0"], "--batch-size 0 is out of range"),
     ("evaluate_vqgan", ["--image-size", "8"], "--image-size 8 is out of range"),
     ("benchmark", ["stage1", "--steps", "0"], "--steps 0 is out of range"),

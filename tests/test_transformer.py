@@ -89,7 +89,7 @@ def test_greedy_sampling_under_bf16_autocast_equals_float32(small_cfg, monkeypat
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = m.sample(2, top_k=1)
     assert torch.equal(bf16, greedy)
-    assert len(caches) == 1 and caches[0].k.dtype == caches[0].v.dtype == torch.bfloat16
+    assert len(caches) == 1 and caches[0].dtype == caches[0].k[0].dtype == caches[0].v[-1].dtype == torch.bfloat16
 
 
 def test_special_tokens_are_never_sampled(small_cfg):
@@ -228,6 +228,43 @@ def test_the_token_step_compiles_as_one_graph_and_gives_the_eager_tokens(small_c
     assert torch.equal(eager.codes, compiled.codes)
 
 
+def test_sampling_with_the_compiled_step_compiles_once_and_draws_the_eager_tokens(small_cfg, monkeypatch):
+    """sample(compile=True) runs the token step compiled: a second call (other random numbers)
+    reuses the compiled code (no guard fails, nothing compiles again), and both draw the tokens
+    of the eager step. ("aot_eager": the same graph as inductor's, without code generation.)"""
+    import transformer
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(transformer, "STEP_COMPILE_OPTIONS", dict(backend="aot_eager", fullgraph=True, dynamic=False))
+    monkeypatch.setattr(transformer, "_compiled_step", None)
+    torch._dynamo.reset()
+    m = make(small_cfg)
+    graphs = []
+    for seed in (0, 1):
+        compiled = m.sample(3, top_k=5, generator=torch.Generator().manual_seed(seed), compile=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+        eager = m.sample(3, top_k=5, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(compiled, eager), seed
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]  # compiled once, reused
+
+
+def test_weights_cast_once_give_the_numbers_of_autocast(small_cfg):
+    """The token step reads its matmul weights cast to bf16 once (GPT.decode_weights) instead of
+    having autocast cast the float32 ones at every call: the logits are bit for bit the same."""
+    m = make(small_cfg)
+    logits = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16):  # float32: autocast casts them inside every matmul
+            loop = loop_for(m, top_k=5)
+            loop.weights = m.gpt.decode_weights(dtype)
+            for _ in range(3):
+                loop.noise.exponential_(1, generator=torch.Generator().manual_seed(int(loop.t)))
+                loop.step()
+            logits.append(loop.logits.clone())
+    assert loop.weights[0][0].dtype == torch.bfloat16 and m.gpt.head.weight.dtype == torch.float32
+    assert torch.equal(logits[0], logits[1])
+
+
 def test_the_token_loop_never_synchronizes_with_the_host(small_cfg, monkeypatch):
     """Every way Python reads a tensor back to the host raises inside the loop (the prefill is
     outside it): the loop must run through all the same."""
@@ -279,7 +316,7 @@ def test_the_graph_capture_leaves_no_trace_of_its_warm_up(small_cfg, monkeypatch
 
     @contextlib.contextmanager
     def capture(graph, capture_error_mode=None):
-        tensors = [graphed.codes, graphed.logits, graphed.t, graphed.cache.k, graphed.cache.v]
+        tensors = [graphed.codes, graphed.logits, graphed.t, *graphed.cache.k, *graphed.cache.v]
         before = [t.clone() for t in tensors]
         yield
         for t, value in zip(tensors, before):  # recording runs nothing
@@ -300,11 +337,19 @@ def test_the_graph_capture_leaves_no_trace_of_its_warm_up(small_cfg, monkeypatch
 
 
 def test_a_failed_capture_samples_eagerly_with_a_warning(small_cfg):
-    """Without CUDA the capture fails at once: a warning, the state untouched, the eager step."""
+    """Without CUDA the capture fails at once: a warning, the state untouched, and the loop runs
+    the eager step, drawing the eager loop's tokens."""
     from transformer import captured
 
-    loop = loop_for(make(small_cfg), top_k=5)
+    m = make(small_cfg)
+    loop = loop_for(m, top_k=5)
     before = loop.logits.clone(), loop.t.clone()
     with pytest.warns(UserWarning, match="without a CUDA graph"):
-        step = captured(loop.step, [loop.logits, loop.t])
-    assert step == loop.step and torch.equal(loop.logits, before[0]) and torch.equal(loop.t, before[1])
+        assert captured(loop.step, [loop.logits, loop.t]) is None
+    assert torch.equal(loop.logits, before[0]) and torch.equal(loop.t, before[1])
+    eager, fallen_back = loop_for(m, top_k=5), loop_for(m, top_k=5)
+    eager.run(16, lambda: eager.noise.exponential_(1, generator=torch.Generator().manual_seed(int(eager.t))))
+    with pytest.warns(UserWarning, match="without a CUDA graph"):
+        fallen_back.run(16, lambda: fallen_back.noise.exponential_(
+            1, generator=torch.Generator().manual_seed(int(fallen_back.t))), cuda_graph=True)
+    assert torch.equal(eager.codes, fallen_back.codes)
