@@ -67,6 +67,7 @@ class BenchConfig:
 class Stage1Bench(BenchConfig):
     compare: bool = option(False, "also time the reference's training step (losses.reference_step)")
     disc_joint_batch: bool = option(False, "our step with one discriminator pass over real and fake (training's --disc-joint-batch)")
+    memory_format: str = option("auto", "training's --memory-format (auto: channels-last with --compile on CUDA)", choices=("auto", "channels-last", "contiguous"))
 
 
 @dataclass
@@ -177,7 +178,8 @@ def bench_stage1(args: BenchConfig, device: torch.device, timing: Optional[Calla
     cfg = make_config(TrainVQGANConfig, VQGANConfig, {"preset": args.preset, **model_flags(args, VQGANConfig),
                                                       "batch_size": args.batch_size, "precision": args.precision,
                                                       "compile": args.compile, "disc_start": 0,
-                                                      "disc_joint_batch": args.disc_joint_batch},
+                                                      "disc_joint_batch": args.disc_joint_batch,
+                                                      "memory_format": args.memory_format},
                       PRESETS)
     mc = cfg.model
     torch.manual_seed(0)
@@ -186,7 +188,8 @@ def bench_stage1(args: BenchConfig, device: torch.device, timing: Optional[Calla
     s.disc.train()
     x = (torch.rand(args.batch_size, mc.in_channels, mc.resolution, mc.resolution, device=device) * 2 - 1)
     result = {"command": "stage1", "preset": args.preset, "batch_size": args.batch_size, "image_size": mc.resolution,
-              "n_embed": mc.n_embed, "parameters_m": sum(p.numel() for p in s.model.parameters()) / 1e6}
+              "n_embed": mc.n_embed, "parameters_m": sum(p.numel() for p in s.model.parameters()) / 1e6,
+              "channels_last": s.channels_last}
     measure_ = timing or measure  # benchmark.measure, or what the suite's profiler takes
     m = measure_(lambda: train_step(s, x, step=0), device, args.steps, args.warmup)
     result.update(step_ms=m["median_ms"], images_per_s=args.batch_size * 1000 / m["median_ms"],

@@ -213,6 +213,7 @@ class TrainVQGANConfig(RunConfig):
     color_augment: bool = option(False, "random colour jitter, greyscale and scale of training crops, for small sets whose colours could otherwise be learnt by heart (the demo does without it: README \"Demo results\")")
     usage_window: int = option(100, "recent batches over which codebook usage and perplexity are also reported")
     sync_batchnorm: bool = option(False, "under torchrun on CUDA, the discriminator's BatchNorm uses statistics of the global batch")
+    memory_format: str = option("auto", "layout of the images and convolution weights in training: channels-last (NHWC, the layout of cuDNN's bf16 kernels: no transposes around each convolution) or contiguous (NCHW); auto = channels-last with --compile on CUDA, else contiguous", choices=("auto", "channels-last", "contiguous"))
     gumbel_temperature_start: float = option(0.9, "--quantizer gumbel: the Gumbel-softmax temperature at step 0 (the reference's schedule)")
     gumbel_temperature_end: float = option(1e-6, "--quantizer gumbel: the temperature the cosine schedule reaches at --gumbel-temperature-steps")
     gumbel_temperature_steps: int = option(1000001, "--quantizer gumbel: steps of the cosine temperature schedule")

@@ -47,6 +47,50 @@ def test_no_discriminator_work_before_disc_start(tiny_cfg):
     assert "d_loss" in train_step(s, random_batch(), step=10)
 
 
+def test_a_channels_last_step_is_the_contiguous_step(tiny_cfg, tmp_path, float64):
+    """--memory-format channels-last keeps every convolution weight (VQGAN, discriminator,
+    LPIPS) and the batches in NHWC; it is a layout, not other arithmetic: two whole training
+    steps (GAN and LPIPS active) give the contiguous run's losses and weights (float64), and the
+    weights load into a contiguous model as they are."""
+    from lpips import load_lpips
+
+    vgg = str(random_vgg_file(tmp_path)[0])
+    runs = {}
+    for fmt in ("contiguous", "channels-last"):
+        s = make_stage1(tiny_cfg, disc_start=0, perceptual_loss_factor=1.0, perceptual=load_lpips(vgg).double(),
+                        memory_format=fmt)
+        logs = [train_step(s, random_batch(seed), step=seed) for seed in range(2)]
+        runs[fmt] = s, logs
+    (plain, plain_logs), (nhwc, nhwc_logs) = runs["contiguous"], runs["channels-last"]
+    assert not plain.channels_last and nhwc.channels_last
+    for net in (nhwc.model, nhwc.disc, nhwc.perceptual):
+        convs = [p for p in net.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs
+                             if p.shape[2:] != (1, 1))  # (1x1 kernels have both layouts at once)
+    for a, b in zip(plain_logs, nhwc_logs):
+        for key in ("rec_loss", "p_loss", "q_loss", "g_loss", "d_loss"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-10, atol=1e-12)
+    for net in ("model", "disc"):  # Adam moved each weight by about 1e-3 per step: equal to a millionth of that
+        for (name, a), b in zip(getattr(plain, net).state_dict().items(), getattr(nhwc, net).state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    fresh = VQGAN(tiny_cfg)
+    fresh.load_state_dict(nhwc.model.state_dict())
+    assert all(p.is_contiguous() for p in fresh.parameters())
+
+
+def test_memory_format_auto_is_channels_last_only_compiled_on_cuda(tiny_cfg):
+    from config import TrainVQGANConfig
+    from training_vqgan import uses_channels_last
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = TrainVQGANConfig(model=tiny_cfg)
+    assert not uses_channels_last(auto, cuda) and not uses_channels_last(auto, cpu)
+    assert uses_channels_last(dataclasses.replace(auto, compile=True), cuda)
+    assert not uses_channels_last(dataclasses.replace(auto, compile=True), cpu)
+    assert uses_channels_last(dataclasses.replace(auto, memory_format="channels-last"), cpu)
+    assert not uses_channels_last(dataclasses.replace(auto, compile=True, memory_format="contiguous"), cuda)
+
+
 @pytest.mark.parametrize("perceptual", [False, True])
 def test_the_generator_step_computes_the_two_backward_gradients(tiny_cfg, tmp_path, float64, perceptual):
     """generator_step (the single-backward execution, the discriminator frozen and scoring the
