@@ -282,6 +282,10 @@ def load_optimizer(opt: torch.optim.Optimizer, state, what: str) -> None:
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
                 raise UserError(f"{what} has {key} of shape {tuple(value.shape)} for a parameter of shape "
                                 f"{tuple(p.shape)}: it belongs to another model.")
+            if torch.is_tensor(value) and value.dim() > 0 and value.stride() != p.stride():
+                # saved in the other --memory-format: the fused optimizer pairs state and parameter
+                # element by element in memory order, so the state takes the parameter's layout
+                opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def load_scaler(scaler: torch.amp.GradScaler, state: dict) -> Optional[str]:

@@ -1,4 +1,5 @@
 """checkpoint.py: weights-only files, the atomic write, random states, where a run resumes from."""
+import copy
 import os
 import random
 
@@ -64,3 +65,34 @@ def test_resume_path_refuses_to_overwrite_a_run(tmp_path):
     with pytest.raises(UserError, match="--resume latest"):
         resume_path(tmp_path, None)
     assert resume_path(tmp_path, "other.pt") == "other.pt"
+
+
+def test_optimizer_state_takes_the_layout_of_its_parameters():
+    """A run saved with --memory-format channels-last and resumed contiguous (or the other way):
+    the fused Adam pairs state and parameter element by element in memory order, so the loaded
+    moments must take the parameters' layout, or the steps after the resume would be wrong."""
+    from checkpoint import load_optimizer
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 5, 5)
+    grads = [torch.randn(4, 3, 5, 5) for _ in range(3)]
+
+    def adam(layout):
+        p = torch.nn.Parameter(weight.clone().contiguous(memory_format=layout))
+        return p, torch.optim.Adam([p], lr=0.1, fused=True)
+
+    def step(p, opt, g):
+        p.grad = torch.empty_like(p).copy_(g)  # in the parameter's layout, as backward makes it
+        opt.step()
+
+    p_nhwc, opt_nhwc = adam(torch.channels_last)
+    step(p_nhwc, opt_nhwc, grads[0])
+    p_plain, opt_plain = adam(torch.contiguous_format)
+    with torch.no_grad():
+        p_plain.copy_(p_nhwc)
+    load_optimizer(opt_plain, copy.deepcopy(opt_nhwc.state_dict()), "test")  # as from a file: tensors of its own
+    assert all(v.stride() == p_plain.stride() for v in opt_plain.state[p_plain].values() if v.dim() > 0)
+    for g in grads[1:]:
+        step(p_nhwc, opt_nhwc, g)
+        step(p_plain, opt_plain, g)
+    torch.testing.assert_close(p_plain.detach(), p_nhwc.detach(), rtol=0, atol=1e-6)
