@@ -301,11 +301,13 @@ def test_gumbel_quantizer_trains_with_the_reference_temperature_schedule(tiny_cf
 
 
 @pytest.mark.slow
-def test_compiled_training_is_one_graph_per_network_and_does_not_recompile(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels-last"])
+def test_compiled_training_is_one_graph_per_network_and_does_not_recompile(tiny_cfg, monkeypatch, memory_format):
     """--compile: encoder, quantizer (factorized, l2-normalized, EMA codes, entropy term: every
     option of its forward), decoder trunk and discriminator each trace as one graph
     (fullgraph=True: nothing in them needs the host), and after the first steps without and with
-    the GAN term further steps reuse the compiled graphs (the compile counters do not move)."""
+    the GAN term further steps reuse the compiled graphs (the compile counters do not move); in
+    either memory format (channels-last: what --compile uses on CUDA)."""
     import training_vqgan
     from torch._dynamo.utils import counters
 
@@ -313,7 +315,8 @@ def test_compiled_training_is_one_graph_per_network_and_does_not_recompile(tiny_
     torch._dynamo.reset()
     codebook = dict(codebook_dim=8, codebook_l2_norm=True, codebook_ema=0.9, codebook_entropy_weight=0.1,
                     codebook_restart_after=2)
-    s = make_stage1(dataclasses.replace(tiny_cfg, **codebook), compile=True, disc_start=1)
+    s = make_stage1(dataclasses.replace(tiny_cfg, **codebook), compile=True, disc_start=1, memory_format=memory_format)
+    assert s.channels_last == (memory_format == "channels-last")
     x = random_batch(n=2)
     for step in range(2):  # warm-up: a step without the GAN term, then one with it
         train_step(s, x, step)
