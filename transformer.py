@@ -164,9 +164,8 @@ _compiled_step = None
 
 
 def compiled_step():
-    """TokenLoop.step compiled, one function per process: every sampling call reuses its code
-    (a new torch.compile per call would compile anew). It recompiles only for what its guards
-    see change: another batch size, sampling option or dtype."""
+    """TokenLoop.step compiled, one function per process that every sampling call reuses. It
+    recompiles only for what its guards see change: another batch size, sampling option or dtype."""
     global _compiled_step
     if _compiled_step is None:
         _compiled_step = torch.compile(TokenLoop.step, **STEP_COMPILE_OPTIONS)
