@@ -173,9 +173,9 @@ def gumbel_temperature(step: int, cfg: TrainVQGANConfig) -> float:
 def train_step(s: Stage1, x, step: int) -> dict:
     """Generator step, then discriminator step, on a batch or a list of micro-batches. Returns
     0-dim tensors; nothing here reads a tensor back to the host (after the codebook's k-means
-    initialization, and without fp16). A non-finite step is skipped (logs["skipped"] 1): neither
-    network, nor the codebook, nor the discriminator's BatchNorm statistics change, and the
-    training loop reports it at its next check."""
+    initialization), under fp16 neither. A non-finite step is skipped (logs["skipped"] 1):
+    neither network, nor the codebook, nor the discriminator's BatchNorm statistics change (under
+    fp16 the loss scale backs off), and the training loop reports it at its next check."""
     micro = as_list(x)
     if s.channels_last:
         micro = [m.contiguous(memory_format=torch.channels_last) for m in micro]

@@ -205,30 +205,21 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, los
     tensor, the norm before clipping or None).
 
     Nothing here waits for the device: the decision reaches the fused optimizer as its found_inf
-    tensor. Under fp16 the GradScaler also skips steps whose scaled gradients overflow; that path
-    reads the decision on the host (once per step)."""
+    tensor. Under fp16 the gradients are unscaled first (GradScaler.unscale_, which records on
+    the device whether they overflowed), so the same check sees them, and GradScaler.update backs
+    the scale off after an overflow, or grows it, on the device too."""
     params = list(params)
-    if scaler.is_enabled():
-        ok = all_finite(losses, params, check_grads=False)
-        ok = ok if allowed is None else ok & allowed
-        if not bool(ok):
-            opt.zero_grad(set_to_none=True)
-            return ok, None
-        norm = None
-        if clip > 0:
-            scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        scale = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        return torch.tensor(scaler.get_scale() >= scale, device=ok.device), norm  # it shrinks when it skipped
     if not all(group.get("fused") for group in opt.param_groups):
         raise ValueError("optimizer_step needs a fused optimizer (it passes the skip decision as found_inf)")
+    if scaler.is_enabled():
+        scaler.unscale_(opt)
     ok = all_finite(losses, params)
     ok = ok if allowed is None else ok & allowed
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
     opt.found_inf = (~ok).float()  # read by the fused kernel: 1 leaves every tensor of the step alone
     opt.step()
+    if scaler.is_enabled():
+        scaler.update()
     return ok, norm
 
 

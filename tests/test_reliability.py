@@ -345,16 +345,19 @@ def forbid_host_reads(monkeypatch):
     return NoHostReads()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("batch", ["finite", "nan"])
-def test_the_stage1_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch):
+def test_the_stage1_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch, precision):
     """The GAN term, the improved codebook (factorized, EMA codes, restarts, k-means done at the
     first step), the EMA of the weights: a step runs without one host read, and so does the skip
-    of a non-finite batch, which changes nothing."""
+    of a non-finite batch, which changes nothing; under fp16 with the GradScalers too (bf16 takes
+    the fp32 path: no scaler)."""
     import dataclasses
 
     cfg = dataclasses.replace(tiny_cfg, codebook_dim=4, codebook_ema=0.9, codebook_restart_after=1,
                               codebook_kmeans_init=True)
-    s = make_stage1(cfg, disc_start=0, ema_decay=0.9)
+    s = make_stage1(cfg, disc_start=0, ema_decay=0.9, precision=precision)
+    assert s.scaler_g.is_enabled() == (precision == "fp16")
     training_vqgan.train_step(s, random_batch(0), step=0)  # k-means reads its pool on the host, once
     assert s.model.quantize.codes_initialized()
     x = random_batch(1)
@@ -372,10 +375,12 @@ def test_the_stage1_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch)
     assert s.ema.updates == (1 if batch == "nan" else 2)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("batch", ["finite", "nan"])
-def test_the_stage2_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch):
+def test_the_stage2_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch, precision):
     """The GPT's step with gradient clipping and the EMA of the weights, on cached tokens: no host
-    read; a non-finite loss (here: a NaN injected into the GPT's weights' gradients) is skipped."""
+    read; a non-finite loss (here: a NaN injected into the GPT's weights' gradients) is skipped.
+    Under fp16 the GradScaler unscales, decides and updates on the device too."""
     from config import GPTConfig, TrainTransformerConfig
     from training_transformer import build_stage2, train_step
     from transformer import VQGANTransformer, gpt_shape
@@ -384,7 +389,7 @@ def test_the_stage2_step_never_reads_a_tensor_back(tiny_cfg, monkeypatch, batch)
     torch.manual_seed(0)
     vqgan = VQGAN(tiny_cfg)
     gpt = GPTConfig(n_layer=1, n_head=2, n_embd=32, **gpt_shape(tiny_cfg, 0))
-    cfg = TrainTransformerConfig(model=gpt, batch_size=2, ema_decay=0.9, grad_clip=1.0)
+    cfg = TrainTransformerConfig(model=gpt, batch_size=2, ema_decay=0.9, grad_clip=1.0, precision=precision)
     s = build_stage2(cfg, VQGANTransformer(vqgan, gpt), torch.device("cpu"), total_steps=10)
     tokens = torch.randint(0, tiny_cfg.n_embed, (2, tiny_cfg.latent_size, tiny_cfg.latent_size))
     if batch == "nan":

@@ -141,3 +141,42 @@ def test_progress_bars_only_when_both_streams_are_a_terminal(monkeypatch, stdout
     monkeypatch.setattr(sys, "stdout", Stream(stdout_tty))
     monkeypatch.setattr(sys, "stderr", Stream(stderr_tty))
     assert interactive() is expected
+
+
+def test_fp16_steps_unscale_skip_an_overflow_and_move_the_scale_on_the_device():
+    """optimizer_step with an enabled GradScaler: the gradients are unscaled before the step, an
+    overflowing step changes no weight or Adam state and halves the scale, a finite one steps
+    and (growth_interval 1) doubles it. All decided on the device (the test reads afterwards)."""
+    import torch
+
+    from utils import optimizer_step
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1, eps=1.0, fused=True)  # eps 1: the step depends on the gradient's size
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+    x = torch.randn(4, 3)
+
+    def step(poison: bool):
+        opt.zero_grad(set_to_none=True)
+        loss = layer(x).square().mean()
+        scaler.scale(loss).backward()
+        if poison:
+            layer.weight.grad[0, 0] = float("inf")
+        return optimizer_step(opt, scaler, [loss.detach()], layer.parameters())[0]
+
+    plain = torch.nn.Linear(3, 2)
+    plain.load_state_dict(layer.state_dict())
+    before = [p.detach().clone() for p in layer.parameters()]
+    assert bool(step(poison=False)) and scaler.get_scale() == 16.0
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=0.1, eps=1.0)
+    plain(x).square().mean().backward()
+    plain_opt.step()  # the same step without scaling: the gradients reached Adam unscaled
+    for a, b in zip(layer.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)
+    moved = [p.detach().clone() for p in layer.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(before, moved))
+    state = {k: v.clone() for k, v in opt.state[layer.weight].items()}
+    assert not bool(step(poison=True)) and scaler.get_scale() == 8.0  # skipped, backed off
+    assert all(torch.equal(a, b) for a, b in zip(moved, layer.parameters()))
+    assert all(torch.equal(v, opt.state[layer.weight][k]) for k, v in state.items())
