@@ -52,6 +52,7 @@ class BenchConfig:
     device: str = option("auto", "torch device; auto = cuda when available, else cpu")
     precision: str = option("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile as training does with --compile")
+    compile_mode: str = option("default", "training's --compile-mode (stage1, gpt)", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     steps: int = option(20, "timed steps")
     warmup: int = option(5, "untimed steps first")
     json: Optional[str] = option(None, "also write the result to this JSON file")
@@ -177,7 +178,8 @@ def bench_stage1(args: BenchConfig, device: torch.device, timing: Optional[Calla
 
     cfg = make_config(TrainVQGANConfig, VQGANConfig, {"preset": args.preset, **model_flags(args, VQGANConfig),
                                                       "batch_size": args.batch_size, "precision": args.precision,
-                                                      "compile": args.compile, "disc_start": 0,
+                                                      "compile": args.compile, "compile_mode": args.compile_mode,
+                                                      "disc_start": 0,
                                                       "disc_joint_batch": args.disc_joint_batch,
                                                       "memory_format": args.memory_format},
                       PRESETS)
@@ -196,7 +198,8 @@ def bench_stage1(args: BenchConfig, device: torch.device, timing: Optional[Calla
                   peak_memory_gib=m["peak_memory_gib"])
     if args.compare:
         torch.manual_seed(0)
-        ref = build_stage1(dataclasses.replace(cfg, compile=False), device, LPIPS(), total_steps=10 ** 6)
+        ref = build_stage1(dataclasses.replace(cfg, compile=False, compile_mode="default"), device, LPIPS(),
+                           total_steps=10 ** 6)
         ref.model.train()
         ref.disc.train()
         step = lambda: reference_step(ref.model, ref.disc, ref.perceptual, ref.opt_g, ref.opt_d, x,  # noqa: E731
@@ -213,7 +216,8 @@ def build_transformer(args: BenchConfig, device: torch.device):
 
     tcfg = make_config(TrainTransformerConfig, GPTConfig, {"preset": args.gpt_preset, **model_flags(args, GPTConfig),
                                                            "batch_size": args.batch_size, "precision": args.precision,
-                                                           "compile": args.compile}, GPT_PRESETS)
+                                                           "compile": args.compile,
+                                                           "compile_mode": args.compile_mode}, GPT_PRESETS)
     vcfg = make_config(TrainVQGANConfig, VQGANConfig, {"preset": args.preset, **model_flags(args, VQGANConfig)},
                        PRESETS).model
     torch.manual_seed(0)
@@ -343,7 +347,8 @@ def bench_trainer(args: SuiteBench, device: torch.device) -> dict:
                 "--max-steps", str(args.trainer_steps), "--disc-start", "0", "--log-every", "10", "--save-every",
                 str(10 ** 6), "--sample-every", str(10 ** 6), "--val-fraction", "0.05", "--val-batches", "1",
                 "--vgg-weights", os.path.join(tmp, "vgg16.pth"), "--device", str(device), "--precision", args.precision,
-                "--compile" if args.trainer_compile else "--no-compile", *as_flags(model_flags(args, VQGANConfig))]
+                *(["--compile", "--compile-mode", args.compile_mode] if args.trainer_compile else ["--no-compile"]),
+                *as_flags(model_flags(args, VQGANConfig))]
         start = time.perf_counter()
         training_vqgan.main(parse_train_vqgan(argv))
         wall = time.perf_counter() - start
@@ -372,12 +377,13 @@ def suite_rows(args: SuiteBench) -> list[tuple[str, Callable, BenchConfig]]:
     common = dict(preset=args.preset, device=args.device, precision=args.precision, model=args.model)
     gpt = dict(common, gpt_preset=args.gpt_preset)
     small, large = args.batch_size, args.large_batch
+    compiled = dict(compile=True, compile_mode=args.compile_mode)  # --compile-mode applies to the compiled rows
     return [("stage1", bench_stage1, Stage1Bench(batch_size=small, **common)),
-            ("stage1-compiled", bench_stage1, Stage1Bench(batch_size=small, compile=True, **common)),
+            ("stage1-compiled", bench_stage1, Stage1Bench(batch_size=small, **compiled, **common)),
             ("gpt", bench_gpt, GPTBench(batch_size=small, command="gpt", **gpt)),
-            ("gpt-compiled", bench_gpt, GPTBench(batch_size=small, compile=True, command="gpt", **gpt)),
+            ("gpt-compiled", bench_gpt, GPTBench(batch_size=small, command="gpt", **compiled, **gpt)),
             ("gpt-large", bench_gpt, GPTBench(batch_size=large, command="gpt", **gpt)),
-            ("gpt-large-compiled", bench_gpt, GPTBench(batch_size=large, compile=True, command="gpt", **gpt)),
+            ("gpt-large-compiled", bench_gpt, GPTBench(batch_size=large, command="gpt", **compiled, **gpt)),
             ("sample", bench_sample, SampleBench(batch_size=small, top_k=args.top_k, compile=True, command="sample", **gpt)),
             ("sample-large", bench_sample, SampleBench(batch_size=large, top_k=args.top_k, compile=True, command="sample",
                                                        **gpt)),

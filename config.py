@@ -167,6 +167,7 @@ class RunConfig:
     tensorboard: bool = option(False, "also write TensorBoard events: metrics, validation figures and sample grids")
     wandb: Optional[str] = option(None, "also log to this Weights & Biases project (needs pip install wandb); a resumed run continues the same W&B run")
     compile: bool = option(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT with its loss)")
+    compile_mode: str = option("default", "torch.compile's mode with --compile: reduce-overhead replays the compiled graphs as CUDA graphs (far fewer kernel launches from Python; not yet measured here, see README \"Performance\"), max-autotune also searches kernel configurations", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
     ema_decay: float = option(0.0, "keep an exponential moving average of the trained weights with this decay, e.g. 0.999 (0: off); validation, sample grids, evaluation, export and sampling then use it")
     raw_weights: bool = option(False, "with --ema-decay: validation and sample grids use the trained weights, not their average")
@@ -191,6 +192,8 @@ class RunConfig:
                             "no average.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction} is out of range: use a value in [0, 1).")
+        if self.compile_mode != "default" and not self.compile:
+            raise UserError(f"--compile-mode {self.compile_mode} sets how --compile compiles: give --compile too.")
 
 
 @dataclass

@@ -134,7 +134,7 @@ def build_stage2(cfg: TrainTransformerConfig, model: VQGANTransformer, device: t
     opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2),
                             fused=True)
     if cfg.compile:  # the GPT and the loss in one compiled forward (the frozen VQGAN's encoding stays outside)
-        model.compile()
+        model.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     # the frozen VQGAN has no trainable parameters for DDP to synchronize
     model_train = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled else model
     return Stage2(cfg=cfg, model=model, opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),

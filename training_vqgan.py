@@ -218,7 +218,7 @@ def build_stage1(cfg: TrainVQGANConfig, device: torch.device, perceptual: Option
             if net is not None:
                 net.to(memory_format=torch.channels_last)
     if cfg.compile:
-        compile_stage1(model, disc, perceptual)
+        compile_stage1(model, disc, perceptual, cfg.compile_mode)
     model_train, disc_train = model, disc
     if dist_info.enabled:  # wrapped separately: each has its own optimizer and backward
         ids = [device.index] if device.type == "cuda" else None
@@ -257,17 +257,18 @@ def uses_channels_last(cfg: TrainVQGANConfig, device: torch.device) -> bool:
 COMPILE_OPTIONS: dict = dict(backend="inductor")
 
 
-def compile_stage1(model: VQGAN, disc: nn.Module, perceptual: Optional[nn.Module]) -> None:
+def compile_stage1(model: VQGAN, disc: nn.Module, perceptual: Optional[nn.Module], mode: str = "default") -> None:
     """torch.compile in place (state_dict names unchanged): encoder, quantizer, decoder up to its
-    last layer (see Decoder.compile_trunk), discriminator and LPIPS. The Gumbel quantizer stays
-    eager: its temperature changes every step, which would recompile it."""
-    model.encoder.compile(**COMPILE_OPTIONS)
+    last layer (see Decoder.compile_trunk), discriminator and LPIPS, in --compile-mode. The
+    Gumbel quantizer stays eager: its temperature changes every step, which would recompile it."""
+    options = dict(COMPILE_OPTIONS, **({} if mode == "default" else {"mode": mode}))
+    model.encoder.compile(**options)
     if isinstance(model.quantize, VectorQuantizer):
-        model.quantize.compile(**COMPILE_OPTIONS)
-    model.decoder.compile_trunk(**COMPILE_OPTIONS)
-    disc.compile(**COMPILE_OPTIONS)
+        model.quantize.compile(**options)
+    model.decoder.compile_trunk(**options)
+    disc.compile(**options)
     if perceptual is not None:
-        perceptual.compile(**COMPILE_OPTIONS)
+        perceptual.compile(**options)
 
 
 def checkpoint_dict(s: Stage1, step: int) -> dict:

@@ -32,6 +32,7 @@ def files_of(folder):
     ("training_vqgan", ["--beta1", "1.5"], "must be in [0, 1)"),
     ("training_vqgan", ["--disc-layers", "3"], "--disc-layers 3 leaves no patch of a 16-pixel image"),
     ("training_vqgan", ["--attn-resolutions", "12"], "--attn-resolutions 12 matches no level"),
+    ("training_vqgan", ["--compile-mode", "reduce-overhead"], "give --compile too"),
     ("training_transformer", ["--temperature", "nan"], "--temperature nan is not a number"),
     ("training_transformer", ["--class-dropout", "nan"], "--class-dropout nan is not a number"),
     ("sample_transformer", ["--cfg-scale", "nan"], "--cfg-scale nan is not a number"),

@@ -78,6 +78,28 @@ def test_a_channels_last_step_is_the_contiguous_step(tiny_cfg, tmp_path, float64
     assert all(p.is_contiguous() for p in fresh.parameters())
 
 
+def test_compile_mode_reaches_every_compiled_network_of_both_stages(tiny_cfg, monkeypatch):
+    """--compile-mode (e.g. reduce-overhead: CUDA graphs) is what torch.compile receives for each
+    network stage 1 compiles and for stage 2's GPT with its loss; default passes no mode."""
+    from config import GPTConfig, TrainTransformerConfig
+    from training_transformer import build_stage2
+    from transformer import VQGANTransformer, gpt_shape
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(("trunk", kw)) or fn)
+    for mode in ("reduce-overhead", "default"):
+        seen.clear()
+        make_stage1(tiny_cfg, compile=True, compile_mode=mode)
+        gpt = GPTConfig(n_layer=1, n_head=2, n_embd=32, **gpt_shape(tiny_cfg, 0))
+        build_stage2(TrainTransformerConfig(model=gpt, compile=True, compile_mode=mode),
+                     VQGANTransformer(VQGAN(tiny_cfg), gpt), torch.device("cpu"), total_steps=10)
+        names = [name for name, _ in seen]
+        assert names == ["Encoder", "VectorQuantizer", "trunk", "NLayerDiscriminator", "VQGANTransformer"], names
+        expected = mode if mode != "default" else None
+        assert all(kw.get("mode") == expected for _, kw in seen), seen
+
+
 def test_memory_format_auto_is_channels_last_only_compiled_on_cuda(tiny_cfg):
     from config import TrainVQGANConfig
     from training_vqgan import uses_channels_last
