@@ -100,11 +100,11 @@ def broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_finite(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor], check_grads: bool = True) -> torch.Tensor:
-    """Whether every loss and (with check_grads) every gradient is finite, on every process: a
-    0-dim bool tensor on the device, never read back to the host here."""
+def all_finite(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every loss and every gradient is finite, on every process: a 0-dim bool tensor on
+    the device, never read back to the host here."""
     flags = [torch.isfinite(torch.stack([loss.detach().float() for loss in losses])).all()]
-    grads = [p.grad for p in params if p.grad is not None] if check_grads else []
+    grads = [p.grad for p in params if p.grad is not None]
     if grads:
         flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
     ok = torch.stack(flags).all()
