@@ -175,7 +175,8 @@ def train_step(s: Stage1, x, step: int) -> dict:
     0-dim tensors; nothing here reads a tensor back to the host (after the codebook's k-means
     initialization), under fp16 neither. A non-finite step is skipped (logs["skipped"] 1):
     neither network, nor the codebook, nor the discriminator's BatchNorm statistics change (under
-    fp16 the loss scale backs off), and the training loop reports it at its next check."""
+    fp16 the loss scale backs off when the gradients overflowed), and the training loop reports it
+    at its next check."""
     micro = as_list(x)
     if s.channels_last:
         micro = [m.contiguous(memory_format=torch.channels_last) for m in micro]
