@@ -144,6 +144,8 @@ class TokenLoop:
         if compile:
             fn = compiled_step()
             step = lambda: fn(self)  # noqa: E731
+            if not cuda_graph:  # (captured() has its own fallback)
+                step = first_call_or(step, self.step)
         if cuda_graph and self.p < n - 1:
             state = [self.logits, self.t]
             graphed = captured(step, state, "the compiled step" if compile else "the step")
@@ -170,6 +172,24 @@ def compiled_step():
     if _compiled_step is None:
         _compiled_step = torch.compile(TokenLoop.step, **STEP_COMPILE_OPTIONS)
     return _compiled_step
+
+
+def first_call_or(step, fallback):
+    """`step`, unless its first call fails, where torch.compile compiles before anything runs (no
+    C++ compiler, an unsupported operation): then, with a warning, `fallback` from that call on."""
+    chosen = []
+
+    def call():
+        if chosen:
+            return chosen[0]()
+        try:
+            step()
+            chosen.append(step)
+        except RuntimeError as e:  # noqa: BLE001 - compiling failed: sample with the eager step
+            warnings.warn(f"sampling with the eager token step (compiling it failed: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            chosen.append(fallback)
+            fallback()
+    return call
 
 
 def captured(step, state: list, what: str = "the step"):

@@ -248,6 +248,22 @@ def test_sampling_with_the_compiled_step_compiles_once_and_draws_the_eager_token
     assert graphs[0] >= 1 and graphs[1] == graphs[0]  # compiled once, reused
 
 
+def test_a_step_that_fails_to_compile_samples_eagerly_with_a_warning(small_cfg, monkeypatch):
+    """A machine where torch.compile cannot compile (no C++ compiler, say): one warning, and the
+    eager step's tokens, not a traceback."""
+    import transformer
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found (injected)")
+    monkeypatch.setattr(transformer, "STEP_COMPILE_OPTIONS", dict(backend=broken, fullgraph=True, dynamic=False))
+    monkeypatch.setattr(transformer, "_compiled_step", None)
+    torch._dynamo.reset()
+    m = make(small_cfg)
+    with pytest.warns(UserWarning, match="eager token step .compiling it failed"):
+        compiled = m.sample(2, top_k=5, generator=torch.Generator().manual_seed(0), compile=True)
+    assert torch.equal(compiled, m.sample(2, top_k=5, generator=torch.Generator().manual_seed(0)))
+
+
 def test_weights_cast_once_give_the_numbers_of_autocast(small_cfg):
     """The token step reads its matmul weights cast to bf16 once (GPT.decode_weights) instead of
     having autocast cast the float32 ones at every call: the logits are bit for bit the same."""
