@@ -100,13 +100,12 @@ def broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_finite(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Whether every loss and every gradient is finite, on every process: a 0-dim bool tensor on
-    the device, never read back to the host here."""
+def all_finite(losses: Sequence[torch.Tensor], grad_norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every loss and every gradient (given by its norm) is finite, on every process: a
+    0-dim bool tensor on the device, never read back to the host here."""
     flags = [torch.isfinite(torch.stack([loss.detach().float() for loss in losses])).all()]
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    if grad_norms:
+        flags.append(torch.isfinite(torch.stack(list(grad_norms))).all())
     ok = torch.stack(flags).all()
     if is_distributed():
         agreed = ok.float().reshape(1)

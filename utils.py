@@ -213,9 +213,14 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, los
         raise ValueError("optimizer_step needs a fused optimizer (it passes the skip decision as found_inf)")
     if scaler.is_enabled():
         scaler.unscale_(opt)
-    ok = all_finite(losses, params)
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads) if grads else []  # once, for the check and the clipping
+    ok = all_finite(losses, norms)
     ok = ok if allowed is None else ok & allowed
-    norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
+    norm = None
+    if clip > 0:  # clip_grad_norm_ from these norms (its total norm: the norm of theirs)
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
     opt.found_inf = (~ok).float()  # read by the fused kernel: 1 leaves every tensor of the step alone
     opt.step()
     if scaler.is_enabled():

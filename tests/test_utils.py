@@ -180,3 +180,27 @@ def test_fp16_steps_unscale_skip_an_overflow_and_move_the_scale_on_the_device():
     assert not bool(step(poison=True)) and scaler.get_scale() == 8.0  # skipped, backed off
     assert all(torch.equal(a, b) for a, b in zip(moved, layer.parameters()))
     assert all(torch.equal(v, opt.state[layer.weight][k]) for k, v in state.items())
+
+
+def test_clipping_from_the_check_norms_is_clip_grad_norm():
+    """optimizer_step computes the gradients' norms once, for the finiteness check and for the
+    clipping: the clipped gradients and the reported norm are clip_grad_norm_'s, exactly."""
+    import torch
+
+    from utils import optimizer_step
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 4), torch.nn.Linear(5, 4)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 5)
+    for layer in (a, b):
+        (layer(x) * 10).square().mean().backward()
+    expected = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+    clipped = [p.grad.clone() for p in b.parameters()]
+    seen = []
+    opt = torch.optim.Adam(a.parameters(), lr=0.1, fused=True)
+    opt.step = lambda: seen.extend(p.grad.clone() for p in a.parameters())  # the gradients the step gets
+    stepped, norm = optimizer_step(opt, torch.amp.GradScaler("cpu", enabled=False), [torch.ones(())], a.parameters(),
+                                   clip=0.5)
+    assert bool(stepped) and torch.equal(norm, expected) and expected > 0.5
+    assert all(torch.equal(g, c) for g, c in zip(seen, clipped))
