@@ -27,7 +27,10 @@ class KVCache:
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.dtype = dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
 
 
 class CausalSelfAttention(nn.Module):
