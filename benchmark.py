@@ -51,7 +51,7 @@ class BenchConfig:
     batch_size: int = option(16, "images per step")
     device: str = option("auto", "torch device; auto = cuda when available, else cpu")
     precision: str = option("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    compile: bool = option(False, "torch.compile as training does with --compile")
+    compile: bool = option(False, "torch.compile as training does with --compile (sample: the token step, timed beside the other variants)")
     compile_mode: str = option("default", "training's --compile-mode (stage1, gpt)", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     steps: int = option(20, "timed steps")
     warmup: int = option(5, "untimed steps first")
