@@ -118,7 +118,7 @@ def train_step(s: Stage2, micro: list, step: int) -> dict:
         meter.add({"loss": loss})
     logs = meter.means()
     # No update from a non-finite loss or gradient (the loop reports it); nothing here waits for the device.
-    stepped, norm = optimizer_step(s.opt, s.scaler, [logs["loss"]], s.model.gpt.parameters(), clip=cfg.grad_clip)
+    stepped, norm = optimizer_step(s.opt, s.scaler, [logs["loss"]], clip=cfg.grad_clip)
     if norm is not None:
         logs["grad_norm"] = norm
     if s.ema is not None:

@@ -130,7 +130,7 @@ def generator_step(s: Stage1, micro, step: int):
     # The loss terms, not the weighted total: under fp16 an overflow in the adaptive weight's
     # gradients makes d_weight NaN, which is the GradScaler's to handle (skip and back off).
     terms = [logs[k] for k in ("rec_loss", "p_loss", "q_loss", "g_loss")]
-    stepped, _ = optimizer_step(s.opt_g, s.scaler_g, terms, s.model.parameters())
+    stepped, _ = optimizer_step(s.opt_g, s.scaler_g, terms)
     if stats[0] is not None:  # a skipped step leaves the codebook (and the average below) as it was
         logs.update(s.model.quantize.update(CodebookStats.cat(stats), stepped))
     if s.ema is not None:
@@ -157,7 +157,7 @@ def discriminator_step(s: Stage1, micro, x_recs, step: int, allowed: Optional[to
             s.scaler_d.scale(d_loss / len(micro)).backward()
         logs.add(dict(d_loss=d_loss, logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean()))
     logs = logs.means()
-    stepped, _ = optimizer_step(s.opt_d, s.scaler_d, [logs["d_loss"]], s.disc.parameters(), allowed)
+    stepped, _ = optimizer_step(s.opt_d, s.scaler_d, [logs["d_loss"]], allowed)
     # skipped because of its own non-finite values (a skipped generator step is counted there)
     logs["d_skipped"] = (~stepped).float() if allowed is None else (allowed & ~stepped).float()
     return logs

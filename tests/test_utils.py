@@ -163,7 +163,7 @@ def test_fp16_steps_unscale_skip_an_overflow_and_move_the_scale_on_the_device():
         scaler.scale(loss).backward()
         if poison:
             layer.weight.grad[0, 0] = float("inf")
-        return optimizer_step(opt, scaler, [loss.detach()], layer.parameters())[0]
+        return optimizer_step(opt, scaler, [loss.detach()])[0]
 
     plain = torch.nn.Linear(3, 2)
     plain.load_state_dict(layer.state_dict())
@@ -200,7 +200,6 @@ def test_clipping_from_the_check_norms_is_clip_grad_norm():
     seen = []
     opt = torch.optim.Adam(a.parameters(), lr=0.1, fused=True)
     opt.step = lambda: seen.extend(p.grad.clone() for p in a.parameters())  # the gradients the step gets
-    stepped, norm = optimizer_step(opt, torch.amp.GradScaler("cpu", enabled=False), [torch.ones(())], a.parameters(),
-                                   clip=0.5)
+    stepped, norm = optimizer_step(opt, torch.amp.GradScaler("cpu", enabled=False), [torch.ones(())], clip=0.5)
     assert bool(stepped) and torch.equal(norm, expected) and expected > 0.5
     assert all(torch.equal(g, c) for g, c in zip(seen, clipped))
