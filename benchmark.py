@@ -333,8 +333,8 @@ def bench_trainer(args: SuiteBench, device: torch.device) -> dict:
     """training_vqgan.py itself (--compile unless --no-trainer-compile, default data loading, LPIPS with random
     weights from a file) for --trainer-steps steps on generated JPEGs; the rate is the median of what it
     logged every 10 steps after the first 10 (warm-up, compilation; in a shorter run, what it logged).
-    No validation split: validation is not what this row times, and compiled it costs a compilation of
-    the eval-mode graphs before the first step (the suite did not finish in 8 minutes on an H200)."""
+    No validation split: validation is not what this row times (it runs eagerly, like the sample grid
+    at the last step: ema.evaluated_with)."""
     import training_vqgan
     from runconfig import parse_train_vqgan
 

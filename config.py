@@ -166,7 +166,7 @@ class RunConfig:
     resume: Optional[str] = option(None, "continue a run from its checkpoint, with its saved configuration: 'latest' (OUTPUT_DIR's last.pt), 'auto' (that, or a new run when there is none), a run folder or a checkpoint file; flags given override training settings only")
     tensorboard: bool = option(False, "also write TensorBoard events: metrics, validation figures and sample grids")
     wandb: Optional[str] = option(None, "also log to this Weights & Biases project (needs pip install wandb); a resumed run continues the same W&B run")
-    compile: bool = option(False, "torch.compile the networks (stage 1: all but the decoder's last layer; stage 2: the GPT with its loss)")
+    compile: bool = option(False, "torch.compile the networks for the training steps (stage 1: all but the decoder's last layer; stage 2: the GPT with its loss); validation and sample grids run them eagerly")
     compile_mode: str = option("default", "torch.compile's mode with --compile: reduce-overhead replays the compiled graphs as CUDA graphs (far fewer kernel launches from Python; not yet measured here, see README \"Performance\"), max-autotune also searches kernel configurations", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
     ema_decay: float = option(0.0, "keep an exponential moving average of the trained weights with this decay, e.g. 0.999 (0: off); validation, sample grids, evaluation, export and sampling then use it")

@@ -123,10 +123,17 @@ class EMA:
         self.updates = updates
 
 
+@contextlib.contextmanager
 def evaluated_with(ema: Optional[EMA], model: nn.Module, raw: bool):
-    """The context validation and sample grids run in: the averaged weights swapped into `model`
-    when there is an average and `raw` (--raw-weights) is off; else nothing changes."""
-    return contextlib.nullcontext() if ema is None or raw else ema.swapped_in(model)
+    """The context validation and sample grids run in: compiled modules run eagerly, and the
+    averaged weights are swapped into `model` when there is an average and `raw` (--raw-weights)
+    is off. Eagerly because under --compile the eval-mode graphs (no gradients, other batch
+    sizes) would be compiled anew: before the first step (validation before training), at the
+    first sample step and for a validation set's last, smaller batch, for a few batches that run
+    well enough without it."""
+    with torch.compiler.set_stance("force_eager"):
+        with contextlib.nullcontext() if ema is None or raw else ema.swapped_in(model):
+            yield
 
 
 def averaged_state(ckpt: dict, raw: bool = False, entry: str = "model") -> dict:

@@ -88,7 +88,8 @@ class Stage2:
     ema: Optional[EMA] = None  # --ema-decay: the average of the GPT's weights
 
     def eval_weights(self):
-        """Validation and sample grids: the EMA weights swapped in (unless --raw-weights)."""
+        """Validation and sample grids: eagerly under --compile, with the EMA weights swapped in
+        (unless --raw-weights): ema.evaluated_with."""
         return evaluated_with(self.ema, self.model.gpt, self.cfg.raw_weights)
 
 

@@ -66,7 +66,8 @@ class Stage1:
     channels_last: bool = False  # --memory-format: the batches (and the networks) in NHWC
 
     def eval_weights(self):
-        """Validation and sample grids: the EMA weights swapped in (unless --raw-weights)."""
+        """Validation and sample grids: eagerly under --compile, with the EMA weights swapped in
+        (unless --raw-weights): ema.evaluated_with."""
         return evaluated_with(self.ema, self.model, self.cfg.raw_weights)
 
     @property

@@ -347,4 +347,10 @@ def test_compiled_training_is_one_graph_per_network_and_does_not_recompile(tiny_
     for step in range(2, 5):
         train_step(s, x, step)
     assert counters["stats"]["unique_graphs"] == graphs
+    # validation and sample grids (eval mode, no gradients, another batch size) run eagerly: no new graphs
+    psnr = training_vqgan.evaluate_psnr(s, [random_batch(n=3), random_batch(n=1)])
+    with torch.no_grad(), s.eval_weights():
+        s.model.eval()
+        s.model(x)
+    assert math.isfinite(psnr) and counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
