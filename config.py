@@ -337,9 +337,12 @@ GPT_PRESETS: dict[str, Preset] = {
 # `python training_vqgan.py` with no --dataset-path: the tiny preset on bundled photographs, sized to
 # finish within 5 minutes on a 2-core CPU (README "Demo results"): 950 steps of batch 6, Adam's
 # betas (0.9, 0.99) and a cosine learning rate. The discriminator stays off (the tiny preset starts
-# it at step 2000): in 950 steps at 64x64 it cost held-out PSNR and added colour artefacts.
+# it at step 2000): in 950 steps at 64x64 it cost held-out PSNR and added colour artefacts. No
+# perceptual term, on every machine: LPIPS runs VGG16 on every batch, which more than doubled the
+# demo's time (and first downloads VGG16's 528 MB of weights), so a newcomer with network access
+# would wait for another demo than the one measured.
 DEMO_VQGAN: dict = dict(preset="tiny", batch_size=6, max_steps=950, beta1=0.9, beta2=0.99, lr_schedule="cosine",
-                        log_every=50, sample_every=250, save_every=500)
+                        log_every=50, sample_every=250, save_every=500, perceptual_loss_factor=0.0)
 # `python training_transformer.py` with no arguments: continue the stage-1 demo.
 DEMO_TRANSFORMER: dict = dict(preset="tiny", augment=True, max_steps=600, lr_warmup_steps=50, log_every=50,
                               sample_every=300, save_every=300, top_k=100)

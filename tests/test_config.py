@@ -63,6 +63,9 @@ def test_precedence_defaults_preset_demo_flags():
     assert demo.max_steps == DEMO_VQGAN["max_steps"]
     assert demo.batch_size == DEMO_VQGAN["batch_size"] != PRESETS["tiny"].run["batch_size"]  # demo over preset
     assert demo.disc_start == PRESETS["tiny"].run["disc_start"]  # the preset's, which the demo leaves alone
+    # the demo trains without LPIPS on every machine (no VGG16 download, the time it was measured in)
+    assert demo.perceptual_loss_factor == 0 and explicit.perceptual_loss_factor == 1.0
+    assert parse_train_vqgan(["--perceptual-loss-factor", "1"]).perceptual_loss_factor == 1.0
     override = parse_train_vqgan(["--preset", "tiny", "--dataset-path", "d", "--ch", "64", "--ch-mult", "1", "2",
                                   "--attn-resolutions", "32"])
     assert override.model.ch == 64 and override.model.ch_mult == (1, 2) and override.max_steps is None
