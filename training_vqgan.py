@@ -192,13 +192,16 @@ def train_step(s: Stage1, x, step: int) -> dict:
     before = [b.clone() for b in statistics]
     logs, x_recs, indices = generator_step(s, micro, step)
     stepped = logs["skipped"] == 0
+    # Codebook usage now, before the discriminator's compiled passes: with --compile-mode
+    # reduce-overhead (CUDA graphs) a compiled call made with no backward pending may reuse the
+    # memory of earlier graphs' outputs, such as the quantizer's indices.
+    logs.update(s.usage.update(torch.cat(indices), stepped))
     logs.update(discriminator_step(s, micro, x_recs, step, allowed=stepped))  # nor from a non-finite batch
     if "d_skipped" in logs:
         logs["skipped"] = torch.maximum(logs["skipped"], logs["d_skipped"])
     taken = logs["skipped"] == 0
     for b, old in zip(statistics, before):
         b.copy_(torch.where(taken, b, old))
-    logs.update(s.usage.update(torch.cat(indices), stepped))
     return logs
 
 
