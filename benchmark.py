@@ -34,8 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
-from config import (GPT_PRESETS, PRESETS, GPTConfig, TrainTransformerConfig, TrainVQGANConfig, VQGANConfig,
-                    check_finite, make_config, require)
+from config import (COMPILE_MODES, GPT_PRESETS, MEMORY_FORMATS, PRESETS, GPTConfig, TrainTransformerConfig,
+                    TrainVQGANConfig, VQGANConfig, check_finite, make_config, require)
 from errors import UserError
 from flags import add_fields, given_values, option
 from losses import LossWeights, reference_step
@@ -52,7 +52,7 @@ class BenchConfig:
     device: str = option("auto", "torch device; auto = cuda when available, else cpu")
     precision: str = option("auto", "autocast precision; auto = bf16 on CUDA where supported, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile as training does with --compile (sample: the token step, timed beside the other variants)")
-    compile_mode: str = option("default", "training's --compile-mode (stage1, gpt)", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    compile_mode: str = option("default", "training's --compile-mode (stage1, gpt)", choices=COMPILE_MODES)
     steps: int = option(20, "timed steps")
     warmup: int = option(5, "untimed steps first")
     json: Optional[str] = option(None, "also write the result to this JSON file")
@@ -68,7 +68,7 @@ class BenchConfig:
 class Stage1Bench(BenchConfig):
     compare: bool = option(False, "also time the reference's training step (losses.reference_step)")
     disc_joint_batch: bool = option(False, "our step with one discriminator pass over real and fake (training's --disc-joint-batch)")
-    memory_format: str = option("auto", "training's --memory-format (auto: channels-last with --compile on CUDA)", choices=("auto", "channels-last", "contiguous"))
+    memory_format: str = option("auto", "training's --memory-format (auto: channels-last with --compile on CUDA)", choices=MEMORY_FORMATS)
 
 
 @dataclass

@@ -133,6 +133,12 @@ class GPTConfig:
                 raise UserError(f"{flag_name(name)} must be in [0, 1).")
 
 
+# torch.compile's modes (--compile-mode) and the layouts of stage-1 training (--memory-format), for
+# the training scripts and benchmark.py alike
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
+
+
 @dataclass
 class RunConfig:
     """What every training run has: data, length, optimizer, schedule, loading, seeding, logging,
@@ -167,7 +173,7 @@ class RunConfig:
     tensorboard: bool = option(False, "also write TensorBoard events: metrics, validation figures and sample grids")
     wandb: Optional[str] = option(None, "also log to this Weights & Biases project (needs pip install wandb); a resumed run continues the same W&B run")
     compile: bool = option(False, "torch.compile the networks for the training steps (stage 1: all but the decoder's last layer; stage 2: the GPT with its loss); validation and sample grids run them eagerly")
-    compile_mode: str = option("default", "torch.compile's mode with --compile: reduce-overhead replays the compiled graphs as CUDA graphs (far fewer kernel launches from Python; not yet measured here, see README \"Performance\"), max-autotune also searches kernel configurations", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    compile_mode: str = option("default", "torch.compile's mode with --compile: reduce-overhead replays the compiled graphs as CUDA graphs (far fewer kernel launches from Python; not yet measured here, see README \"Performance\"), max-autotune also searches kernel configurations", choices=COMPILE_MODES)
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
     ema_decay: float = option(0.0, "keep an exponential moving average of the trained weights with this decay, e.g. 0.999 (0: off); validation, sample grids, evaluation, export and sampling then use it")
     raw_weights: bool = option(False, "with --ema-decay: validation and sample grids use the trained weights, not their average")
@@ -216,7 +222,7 @@ class TrainVQGANConfig(RunConfig):
     color_augment: bool = option(False, "random colour jitter, greyscale and scale of training crops, for small sets whose colours could otherwise be learnt by heart (the demo does without it: README \"Demo results\")")
     usage_window: int = option(100, "recent batches over which codebook usage and perplexity are also reported")
     sync_batchnorm: bool = option(False, "under torchrun on CUDA, the discriminator's BatchNorm uses statistics of the global batch")
-    memory_format: str = option("auto", "layout of the images and convolution weights in training: channels-last (NHWC, the layout of cuDNN's bf16 kernels: no transposes around each convolution) or contiguous (NCHW); auto = channels-last with --compile on CUDA, else contiguous", choices=("auto", "channels-last", "contiguous"))
+    memory_format: str = option("auto", "layout of the images and convolution weights in training: channels-last (NHWC, the layout of cuDNN's bf16 kernels: no transposes around each convolution) or contiguous (NCHW); auto = channels-last with --compile on CUDA, else contiguous", choices=MEMORY_FORMATS)
     gumbel_temperature_start: float = option(0.9, "--quantizer gumbel: the Gumbel-softmax temperature at step 0 (the reference's schedule)")
     gumbel_temperature_end: float = option(1e-6, "--quantizer gumbel: the temperature the cosine schedule reaches at --gumbel-temperature-steps")
     gumbel_temperature_steps: int = option(1000001, "--quantizer gumbel: steps of the cosine temperature schedule")

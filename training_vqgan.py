@@ -429,10 +429,10 @@ def main(cfg: TrainVQGANConfig) -> dict:
             f"{device}, precision {str(s.amp_dtype).replace('torch.', '') if s.amp_dtype else 'fp32'}; run folder "
             f"{cfg.output_dir}")
         log(describe_batch(cfg, dist_info))
-        gan = (f"discriminator from step {cfg.disc_start}" if cfg.disc_start < total_steps and cfg.disc_factor > 0
-               else f"discriminator off in this run (--disc-start {cfg.disc_start}, --disc-factor {cfg.disc_factor:g})")
-        gan += "" if cfg.perceptual_loss_factor > 0 else "; no perceptual term (--perceptual-loss-factor 0)"
-        log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch); {gan}"
+        terms = (f"discriminator from step {cfg.disc_start}" if cfg.disc_start < total_steps and cfg.disc_factor > 0
+                 else f"discriminator off in this run (--disc-start {cfg.disc_start}, --disc-factor {cfg.disc_factor:g})")
+        terms += "" if cfg.perceptual_loss_factor > 0 else "; no perceptual term (--perceptual-loss-factor 0)"
+        log(f"training to step {total_steps} ({steps_per_epoch} steps per epoch); {terms}"
             + (f"; resumed at step {step}" if step else "")
             + (f"; fine-tuning {cfg.init_from}" + (" (with its discriminator)" if init[1] is not None else "")
                if init is not None else "")
