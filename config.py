@@ -42,6 +42,7 @@ class VQGANConfig:
     attn_resolutions: tuple[int, ...] = option((16,), "feature-map sides, counted from --resolution, that get self-attention")
     dropout: float = option(0.0, "dropout inside ResnetBlocks")
     out_norm_groups: int = option(32, "groups of the GroupNorm before the encoder's and the decoder's output convolutions (the reference: 32; the tiny preset: 1, which keeps an image's overall colour, see README)")
+    weight_init: str = option("pytorch", "initialization of the convolutions and linear maps of encoder, decoder and quantizer: pytorch (its defaults, as the reference) or lecun (normal with std 1/sqrt(fan_in), biases 0; the tiny preset, which then learns colours within its demo, see README)", choices=("pytorch", "lecun"))
     in_channels: int = option(3, "channels of input images (1 or 3)")
     out_channels: int = option(3, "channels of reconstructed images")
     resolution: int = option(256, "training image side in pixels; also places attention")
@@ -313,8 +314,12 @@ IMPROVED_CODEBOOK: dict = dict(codebook_dim=8, codebook_kmeans_init=True)
 # and then initializes the codes by k-means on what the encoder has learnt by then. It downsamples
 # by 4 (16x16 tokens for 64x64 crops): at the same cost per step as 8x8 tokens (its last level has 64
 # channels, not 128), the demo reached 2.8 dB more held-out PSNR and closer colours (README "Demo results").
+# Its layers start with LeCun's variance-preserving initialization (weight_init="lecun"): with
+# PyTorch's default, which shrinks a signal by about 1/sqrt(3) at each layer, it learnt colours so
+# slowly that within the demo's 950 steps it guessed them from texture, and some seeds painted
+# held-out crops in the wrong colours (README "Demo results").
 _TINY = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=64, z_channels=64,
-             embed_dim=64, n_embed=1024, out_norm_groups=1)
+             embed_dim=64, n_embed=1024, out_norm_groups=1, weight_init="lecun")
 _TINY_RUN = dict(batch_size=8, learning_rate=1e-3, disc_start=2000)
 _F16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256, z_channels=256,
             embed_dim=256)

@@ -22,6 +22,19 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+@torch.no_grad()
+def lecun_init_(module: nn.Module) -> None:
+    """Every Conv2d and Linear inside `module`: weights normal with std 1/sqrt(fan_in), biases 0
+    (LeCun et al. 1998, "Efficient BackProp"). PyTorch's default draws weights with a third of
+    that variance, so a signal shrinks by about 1/sqrt(3) at each layer that no skip connection
+    bypasses; the reference's models keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 

@@ -30,6 +30,7 @@ from decoder import Decoder
 from encoder import Encoder
 from errors import UserError
 from flags import add_fields, given_values, option
+from helper import lecun_init_
 from ema import averaged_state
 from official import checkpoint_kind, infer_vqgan_config, sub_state, transformer_vqgan_config, vqgan_config_from_yaml
 from pretrained import PretrainedMixin
@@ -64,6 +65,8 @@ class VQGAN(PretrainedMixin, nn.Module):
                 entropy_weight=config.codebook_entropy_weight, warmup=config.codebook_warmup)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        if config.weight_init == "lecun":
+            lecun_init_(self)  # the codebook keeps its own initialization (an Embedding)
 
     def _check_input(self, x: torch.Tensor) -> None:
         f = self.config.downsample_factor

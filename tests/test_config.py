@@ -113,14 +113,16 @@ def test_config_round_trips_through_a_dict():
         model_config_from_dict(VQGANConfig, {**config_to_dict(cfg), "new_field": 1})
     older = {k: v for k, v in config_to_dict(cfg).items() if k != "gumbel_kl_weight"}  # written before the field
     assert model_config_from_dict(VQGANConfig, older) == cfg
-    # a tiny run of an earlier version: its config does not name the output GroupNorm's groups or
-    # the codebook warm-up, and it was trained with the reference's 32 groups and no warm-up
+    # a tiny run of an earlier version: its config does not name the output GroupNorm's groups, the
+    # codebook warm-up or the initialization, and it was trained with the reference's 32 groups, no
+    # warm-up and PyTorch's initialization
     tiny = {k: v for k, v in config_to_dict(make_config(TrainVQGANConfig, VQGANConfig, {"preset": "tiny"}, PRESETS).model).items()
-            if k not in ("out_norm_groups", "codebook_warmup")}
+            if k not in ("out_norm_groups", "codebook_warmup", "weight_init")}
     old_tiny = model_config_from_dict(VQGANConfig, tiny)
-    assert (old_tiny.out_norm_groups, old_tiny.codebook_warmup) == (32, 0)
+    assert (old_tiny.out_norm_groups, old_tiny.codebook_warmup, old_tiny.weight_init) == (32, 0, "pytorch")
     assert VQGAN(old_tiny).encoder.norm_out.num_groups == VQGAN(old_tiny).decoder.norm_out.num_groups == 32
     assert PRESETS["tiny"].model["out_norm_groups"] == 1 and PRESETS["tiny"].model["codebook_warmup"] == 50
+    assert PRESETS["tiny"].model["weight_init"] == "lecun" and "weight_init" not in PRESETS["f16-1024"].model
 
 
 def help_entries(text: str) -> dict[str, str]:

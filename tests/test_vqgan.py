@@ -85,3 +85,32 @@ def test_from_checkpoint_rejects_other_kinds(tiny_cfg, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         VQGAN.from_checkpoint(tmp_path / "missing.pt")
 
+
+
+def test_lecun_init_keeps_the_signal_scale_and_the_codebook(tiny_cfg):
+    """weight_init="lecun": every convolution and linear map of encoder, quantizer and decoder is
+    drawn with std 1/sqrt(fan_in) and a zero bias; the codes keep the reference's uniform
+    initialization. The default keeps PyTorch's (a third of that variance, non-zero biases)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    lecun = VQGAN(dataclasses.replace(tiny_cfg, weight_init="lecun", codebook_dim=4))
+    torch.manual_seed(0)
+    default = VQGAN(tiny_cfg)
+    layers = [m for m in lecun.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) > 20 and any(isinstance(m, torch.nn.Linear) for m in layers)  # the codebook projections too
+    for m in layers:
+        fan_in = m.weight[0].numel()
+        assert torch.count_nonzero(m.bias) == 0
+        if m.weight.numel() >= 4096:  # enough draws for the sample std to be within 10%
+            assert abs(m.weight.std().item() * fan_in ** 0.5 - 1) < 0.1, m
+    conv = default.encoder.down[0].block[0].conv1
+    assert abs(conv.weight.std().item() * conv.weight[0].numel() ** 0.5 - 3 ** -0.5) < 0.1
+    assert torch.count_nonzero(conv.bias) > 0
+    codes = lecun.quantize.embedding.weight
+    assert codes.abs().max() <= 1 / tiny_cfg.n_embed
+    # the point of it: a random image's signal keeps its scale through the encoder's first layers
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ratio = lambda model: (model.encoder.down[0].downsample(model.encoder.conv_in(x)).std() / x.std()).item()  # noqa: E731
+    assert ratio(lecun) > 0.6 > 0.4 > ratio(default)
