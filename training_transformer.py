@@ -128,6 +128,10 @@ def train_step(s: Stage2, micro: list, step: int) -> dict:
     return logs
 
 
+# torch.compile's options for --compile (tests trace with backend "aot_eager" and fullgraph=True, as in stage 1)
+COMPILE_OPTIONS: dict = dict(backend="inductor")
+
+
 def build_stage2(cfg: TrainTransformerConfig, model: VQGANTransformer, device: torch.device, total_steps: int,
                  dist_info: DistInfo = DistInfo()) -> Stage2:
     lr, amp_dtype = scaled_lr(cfg, dist_info), resolve_precision(cfg.precision, device)
@@ -135,7 +139,7 @@ def build_stage2(cfg: TrainTransformerConfig, model: VQGANTransformer, device: t
     opt = torch.optim.AdamW(model.gpt.optimizer_groups(cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2),
                             fused=True)
     if cfg.compile:  # the GPT and the loss in one compiled forward (the frozen VQGAN's encoding stays outside)
-        model.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        model.compile(**COMPILE_OPTIONS, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
     # the frozen VQGAN has no trainable parameters for DDP to synchronize
     model_train = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.enabled else model
     return Stage2(cfg=cfg, model=model, opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),

@@ -129,3 +129,43 @@ def test_a_vqgan_saved_inside_its_codebook_warmup_is_refused(tmp_path):
     vqgan, _ = load_vqgan(TrainTransformerConfig(dataset_path=str(tmp_path), vqgan_checkpoint=str(tmp_path / "later")),
                           None, None)
     assert vqgan.quantize.codes_initialized()
+
+
+def test_compiled_training_is_one_graph_and_does_not_recompile(tiny_cfg, monkeypatch):
+    """--compile in stage 2: the GPT with its loss, input corruption and class dropout trace as one
+    graph (fullgraph=True), and after the first step the following ones reuse it while the
+    learning rate warms up, the gradients are clipped and the EMA moves (the compile counters do
+    not move); validation and sample grids, with a last batch of another size, run eagerly."""
+    import training_transformer
+    from torch._dynamo.utils import counters
+
+    from config import GPTConfig, TrainTransformerConfig
+    from training_transformer import build_stage2, evaluate_loss, sample_grid, train_step
+    from transformer import gpt_shape
+    from vqgan import VQGAN
+
+    monkeypatch.setattr(training_transformer, "COMPILE_OPTIONS", dict(backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    gpt = GPTConfig(n_layer=1, n_head=2, n_embd=32, **gpt_shape(tiny_cfg, 2))
+    cfg = TrainTransformerConfig(model=gpt, batch_size=2, compile=True, pkeep=0.7, class_dropout=0.5, ema_decay=0.9,
+                                 grad_clip=1.0, lr_warmup_steps=4, num_samples=2)
+    s = build_stage2(cfg, VQGANTransformer(VQGAN(tiny_cfg), gpt, classes=("a", "b")), torch.device("cpu"),
+                     total_steps=10)
+    h = tiny_cfg.latent_size
+
+    def batch(n):
+        return torch.randint(0, tiny_cfg.n_embed, (n, h, h)), torch.randint(0, 2, (n,))
+
+    first = train_step(s, [batch(2)], 0)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and first["skipped"].item() == 0  # the forward really is compiled
+    for step in range(1, 4):
+        logs = train_step(s, [batch(2)], step)
+    assert counters["stats"]["unique_graphs"] == graphs and logs["skipped"].item() == 0
+    loss = evaluate_loss(s, [batch(2), batch(1)])
+    with s.eval_weights():
+        rows = sample_grid(s, torch.rand(2, 3, tiny_cfg.resolution, tiny_cfg.resolution) * 2 - 1, torch.tensor([0, 1]),
+                           torch.Generator().manual_seed(0))
+    assert loss > 0 and len(rows) == 4 and counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
