@@ -401,6 +401,10 @@ def bench_suite(args: SuiteBench, device: torch.device) -> dict:
             if args.rows and name not in args.rows:
                 continue
             start = time.perf_counter()
+            # each row compiles as a fresh process would: without a reset, a compiled row at the large batch
+            # would recompile the small batch's graph with the batch size symbolic (dynamo's automatic dynamic
+            # shapes), and time other kernels than training at that batch size compiles
+            torch._dynamo.reset()
             try:
                 if name.startswith("sample"):  # a whole token grid per step
                     cfg = dataclasses.replace(cfg, steps=min(args.steps, 3), warmup=min(args.warmup, 1))

@@ -163,3 +163,26 @@ def test_the_suite_writes_one_line_per_row_and_survives_a_failing_row(tmp_path, 
         t["ms_per_call"] for t in profile["top"]) > 0
     assert gpt["error"] == "RuntimeError: out of memory (injected)"
     assert trainer["steps"] == 3 and trainer["images_per_s"] > 0 and trainer["compile"] is False
+
+
+def test_each_suite_row_compiles_with_the_static_shapes_of_a_fresh_process(tmp_path, monkeypatch):
+    """The compiled GPT rows at two batch sizes, one after the other: the second compiles its own
+    graph for its batch size (a fixed number, as training at that size would), not the first
+    row's graph recompiled with a symbolic batch size."""
+    import training_transformer
+
+    seen = []
+
+    def recording(gm, example_inputs):  # a torch.compile backend that runs the graph as traced
+        shapes = [t.shape for t in example_inputs if isinstance(t, torch.Tensor)]
+        seen.append(any(not isinstance(d, int) for shape in shapes for d in shape)
+                    or any(isinstance(t, torch.SymInt) for t in example_inputs))
+        return gm.forward
+    monkeypatch.setattr(training_transformer, "COMPILE_OPTIONS", dict(backend=recording, fullgraph=True))
+    out = tmp_path / "suite.jsonl"
+    main(parse_args(["suite", "--out", str(out), *TINY_VQGAN, "--gpt-preset", "tiny", "--n-layer", "1",
+                     "--batch-size", "2", "--large-batch", "3", "--steps", "1", "--warmup", "0",
+                     "--rows", "gpt-compiled", "gpt-large-compiled"]))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["row"], r["batch_size"]) for r in rows] == [("gpt-compiled", 2), ("gpt-large-compiled", 3)]
+    assert len(seen) == 2 and not any(seen), seen  # one graph per row, every shape a number
