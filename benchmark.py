@@ -29,6 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -282,15 +284,37 @@ def bench_sample(args: SampleBench, device: torch.device, timing: Optional[Calla
 
 
 # ------------------------------------------------------------------------------------ the suite
+def host_syncs(fn: Callable, device: torch.device) -> Optional[dict]:
+    """On CUDA, the places in one call of fn where the host waited for the GPU, as PyTorch's sync
+    debug mode reports them (a warning per synchronizing call: .item(), a copy from pageable
+    memory, nonzero, ...), counted per Python file and line; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
+                    if "synchronizing" in str(w.message))
+    return dict(sites.most_common())
+
+
 def profiled(fn: Callable, device: torch.device, steps: int = 3) -> dict:
-    """The top 10 kernels (CUDA) or operators (CPU) by their own time over `steps` calls, and on
-    CUDA the share of the profiled wall time in which no kernel ran."""
+    """The top 10 kernels (CUDA) or operators (CPU) by their own time over `steps` calls; on CUDA
+    also the share of the profiled wall time in which no kernel ran, the top 10 host-side events
+    (operators, CUDA runtime calls such as kernel launches) by their own time, and the places where
+    one call made the host wait for the GPU (host_syncs)."""
     from torch.profiler import ProfilerActivity, profile
 
     from torch.autograd import DeviceType
 
     cuda = device.type == "cuda"
     fn()  # compilation and autotuning stay out of the profile (a sampling call captures its graph anew each time)
+    syncs = host_syncs(fn, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -303,10 +327,18 @@ def profiled(fn: Callable, device: torch.device, steps: int = 3) -> dict:
     # twice); CPU: the operators
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
-    events = [e for e in prof.key_averages() if e.device_type == kind and not e.is_user_annotation]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_type == kind and not e.is_user_annotation]
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     top = [{"name": e.key[:120], "ms_per_call": getattr(e, key) / 1000 / steps, "calls": e.count // steps}
            for e in events[:10]]
+    extra = {}
+    if cuda:  # where the host's time goes: with the GPU idle, these set the pace
+        host = [e for e in averages if e.device_type == DeviceType.CPU and not e.is_user_annotation]
+        host.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        extra = {"host_top": [{"name": e.key[:120], "ms_per_call": e.self_cpu_time_total / 1000 / steps,
+                               "calls": e.count // steps} for e in host[:10]],
+                 "host_syncs_per_call": sum(syncs.values()), "host_sync_sites": syncs}
     total_us = sum(getattr(e, key) for e in events)
     idle = None
     if cuda:  # kernel time summed over the window (overlapping streams would count twice: a lower bound)
@@ -314,7 +346,8 @@ def profiled(fn: Callable, device: torch.device, steps: int = 3) -> dict:
     # all kernels' (operators') own time and their number per call: against the unprofiled step time, they
     # say whether the device or the host sets the pace
     return {"top": top, "gpu_idle_share": idle, "busy_ms_per_call": total_us / 1000 / steps,
-            "launches_per_call": sum(e.count for e in events) / steps, "profiled_wall_ms_per_call": wall_us / 1000 / steps}
+            "launches_per_call": sum(e.count for e in events) / steps, "profiled_wall_ms_per_call": wall_us / 1000 / steps,
+            **extra}
 
 
 def write_jpegs(folder: str, n: int, size: int, seed: int = 0) -> None:

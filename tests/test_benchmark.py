@@ -186,3 +186,31 @@ def test_each_suite_row_compiles_with_the_static_shapes_of_a_fresh_process(tmp_p
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["row"], r["batch_size"]) for r in rows] == [("gpt-compiled", 2), ("gpt-large-compiled", 3)]
     assert len(seen) == 2 and not any(seen), seen  # one graph per row, every shape a number
+
+
+def test_host_syncs_counts_the_warnings_of_cuda_sync_debug_mode_by_line(monkeypatch):
+    """--profile on CUDA: one call under torch.cuda.set_sync_debug_mode("warn"), whose warnings
+    are counted per line; other warnings are not, and the mode is reset even when the call fails.
+    The CUDA calls are stand-ins here: this checks what is done with what the mode reports."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def step():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")  # one line, twice
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+    line = step.__code__.co_firstlineno + 2
+    assert benchmark.host_syncs(step, torch.device("cpu")) is None and modes == []
+    assert benchmark.host_syncs(step, torch.device("cuda")) == {f"test_benchmark.py:{line}": 2,
+                                                                 f"test_benchmark.py:{line + 1}": 1}
+    assert modes == ["warn", "default"]
+
+    def failing():
+        raise RuntimeError("injected")
+    with pytest.raises(RuntimeError, match="injected"):
+        benchmark.host_syncs(failing, torch.device("cuda"))
+    assert modes[-1] == "default"
