@@ -168,8 +168,13 @@ def test_the_suite_writes_one_line_per_row_and_survives_a_failing_row(tmp_path, 
 def test_each_suite_row_compiles_with_the_static_shapes_of_a_fresh_process(tmp_path, monkeypatch):
     """The compiled GPT rows at two batch sizes, one after the other: the second compiles its own
     graph for its batch size (a fixed number, as training at that size would), not the first
-    row's graph recompiled with a symbolic batch size."""
+    row's graph recompiled with a symbolic batch size. A profile that fails costs the row only
+    its profile."""
     import training_transformer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("profiler unavailable (injected)")
+    monkeypatch.setattr(benchmark, "profile_row", broken)
 
     seen = []
 
@@ -182,9 +187,11 @@ def test_each_suite_row_compiles_with_the_static_shapes_of_a_fresh_process(tmp_p
     out = tmp_path / "suite.jsonl"
     main(parse_args(["suite", "--out", str(out), *TINY_VQGAN, "--gpt-preset", "tiny", "--n-layer", "1",
                      "--batch-size", "2", "--large-batch", "3", "--steps", "1", "--warmup", "0",
-                     "--rows", "gpt-compiled", "gpt-large-compiled"]))
+                     "--rows", "gpt-compiled", "gpt-large-compiled", "--profile"]))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["row"], r["batch_size"]) for r in rows] == [("gpt-compiled", 2), ("gpt-large-compiled", 3)]
+    assert all(r["tokens_per_s"] > 0 and r["profile"] == {"error": "RuntimeError: profiler unavailable (injected)"}
+               for r in rows)
     assert len(seen) == 2 and not any(seen), seen  # one graph per row, every shape a number
 
 
