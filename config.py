@@ -137,6 +137,7 @@ class GPTConfig:
 # torch.compile's modes (--compile-mode) and the layouts of stage-1 training (--memory-format), for
 # the training scripts and benchmark.py alike
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # those that replay the compiled graphs as CUDA graphs
 MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
 
 
@@ -174,7 +175,7 @@ class RunConfig:
     tensorboard: bool = option(False, "also write TensorBoard events: metrics, validation figures and sample grids")
     wandb: Optional[str] = option(None, "also log to this Weights & Biases project (needs pip install wandb); a resumed run continues the same W&B run")
     compile: bool = option(False, "torch.compile the networks for the training steps (stage 1: all but the decoder's last layer; stage 2: the GPT with its loss); validation and sample grids run them eagerly")
-    compile_mode: str = option("default", "torch.compile's mode with --compile: reduce-overhead replays the compiled graphs as CUDA graphs (far fewer kernel launches from Python; not yet measured here, see README \"Performance\"), max-autotune also searches kernel configurations", choices=COMPILE_MODES)
+    compile_mode: str = option("default", "torch.compile's mode with --compile: reduce-overhead replays the compiled graphs as CUDA graphs (far fewer kernel launches from Python; not yet measured here, see README \"Performance\"; not with --grad-accum above 1), max-autotune also searches kernel configurations", choices=COMPILE_MODES)
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of the image files cannot be used (they are listed in OUTPUT_DIR/skipped_files.txt)")
     ema_decay: float = option(0.0, "keep an exponential moving average of the trained weights with this decay, e.g. 0.999 (0: off); validation, sample grids, evaluation, export and sampling then use it")
     raw_weights: bool = option(False, "with --ema-decay: validation and sample grids use the trained weights, not their average")
@@ -201,6 +202,13 @@ class RunConfig:
             raise UserError(f"--val-fraction {self.val_fraction} is out of range: use a value in [0, 1).")
         if self.compile_mode != "default" and not self.compile:
             raise UserError(f"--compile-mode {self.compile_mode} sets how --compile compiles: give --compile too.")
+        if self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+            # PyTorch's CUDA-graph trees hand a micro-batch's gradients to .grad in memory that the next
+            # micro-batch's replay writes over (pytorch/pytorch issues 169545 and 96693)
+            raise UserError(f"--compile-mode {self.compile_mode} replays CUDA graphs, which reuse the memory of one "
+                            f"micro-batch's gradients for the next, so --grad-accum {self.grad_accum} cannot add them up "
+                            "(PyTorch stops with an error or, in some versions, sums wrong gradients): use --grad-accum 1 "
+                            "with a larger --batch-size, or --compile-mode default or max-autotune-no-cudagraphs.")
 
 
 @dataclass
