@@ -104,7 +104,7 @@ class SuiteBench(BenchConfig):
     rows: Optional[tuple[str, ...]] = option(None, "run only these rows (default: all)", nargs="+", choices=SUITE_ROWS, metavar="ROW")
     trainer_steps: int = option(50, "steps of the real trainer (training_vqgan.py) on generated JPEG files")
     trainer_compile: bool = option(True, "the real trainer with --compile")
-    profile: bool = option(False, "also profile each row: its top kernels (or CPU ops) and the GPU's idle share")
+    profile: bool = option(False, "also profile each row: its top kernels (or CPU ops); on a GPU also its idle share, the top host-side events and the lines where the host waited for it")
 
     def __post_init__(self):
         super().__post_init__()

@@ -86,7 +86,6 @@ def test_from_checkpoint_rejects_other_kinds(tiny_cfg, tmp_path):
         VQGAN.from_checkpoint(tmp_path / "missing.pt")
 
 
-
 def test_lecun_init_keeps_the_signal_scale_and_the_codebook(tiny_cfg):
     """weight_init="lecun": every convolution and linear map of encoder, quantizer and decoder is
     drawn with std 1/sqrt(fan_in) and a zero bias; the codes keep the reference's uniform
@@ -111,6 +110,6 @@ def test_lecun_init_keeps_the_signal_scale_and_the_codebook(tiny_cfg):
     assert codes.abs().max() <= 1 / tiny_cfg.n_embed
     # the point of it: a random image's signal keeps its scale through the encoder's first layers
     x = torch.randn(4, 3, 32, 32)
+    ratio = lambda model: (model.encoder.down[0].downsample(model.encoder.conv_in(x)).std() / x.std()).item()  # noqa: E731
     with torch.no_grad():
-        ratio = lambda model: (model.encoder.down[0].downsample(model.encoder.conv_in(x)).std() / x.std()).item()  # noqa: E731
-    assert ratio(lecun) > 0.6 > 0.4 > ratio(default)
+        assert ratio(lecun) > 0.6 > 0.4 > ratio(default)
